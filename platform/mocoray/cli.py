@@ -1,0 +1,245 @@
+"""The `mocoray` command: pretrain, export, linear-eval, compare, sweep, make-parquet."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import ConfigError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="YAML recipe (experiments/*.yaml); omitted = embedded defaults")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set moco.queue_size=4096 (repeatable)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .jobs.pretrain import PretrainFailed, run_pretrain
+
+    cfg = load_config(args.recipe, args.overrides)
+    if args.print_config:
+        from .config import dump_yaml
+
+        print(dump_yaml(cfg), end="")
+        return 0
+    try:
+        res = run_pretrain(cfg, address=args.address, resume=args.resume, resume_from=args.resume_from)
+    except PretrainFailed as err:
+        print(f"mocoray pretrain: {err}", file=sys.stderr)
+        return 1
+    m = res.metrics
+    print(f"\nrun dir:     {res.run_dir}\ncheckpoint:  {res.checkpoint}\nbackbone:    {res.backbone_path}")
+    if "knn_top1" in m:
+        print(f"kNN top-1:   {m['knn_top1']:.4f} (random init {m['knn_top1_init']:.4f}, "
+              f"margin {m['knn_margin']:+.4f}) after {m['epoch']} epochs")
+    if res.mlflow_run_id:
+        print(f"MLflow run:  {res.mlflow_run_id} at {res.tracking_uri}")
+    if args.then_linear_eval:
+        return _chain_linear_eval(args, res)
+    return 0
+
+
+def _chain_linear_eval(args: argparse.Namespace, res) -> int:
+    """`pretrain --then-linear-eval RECIPE`: evaluate the run that just finished, in its MLflow experiment."""
+    from .linear_config import load_linear_config
+
+    fixed = {"run.name": res.run_dir.rstrip("/").rsplit("/", 1)[-1] + "-linear"}
+    if res.mlflow_run_id:
+        fixed.update({"encoder.pretrain_run": res.mlflow_run_id, "tracking.tracking_uri": res.tracking_uri})
+    else:
+        fixed.update({"encoder.checkpoint": res.checkpoint, "tracking.enabled": False})
+    cfg = load_linear_config(args.then_linear_eval, args.linear_overrides, fixed)
+    return _linear_eval(cfg, args.address)
+
+
+def _linear_eval(cfg, address: str | None, resume: bool = False) -> int:
+    from .jobs.linear import LinearEvalFailed, run_linear_eval
+
+    try:
+        res = run_linear_eval(cfg, address=address, resume=resume)
+    except LinearEvalFailed as err:
+        print(f"mocoray linear-eval: {err}", file=sys.stderr)
+        return 1
+    except (LookupError, ValueError) as err:  # unknown run, unusable checkpoint, wrong architecture
+        print(f"mocoray linear-eval: {err}", file=sys.stderr)
+        return 2
+    m = res.metrics
+    print(f"\nencoder:     {res.encoder.label} ({res.encoder.arch})\nrun dir:     {res.run_dir}\n"
+          f"checkpoint:  {res.checkpoint}")
+    print(f"linear top-1 {m['linear_top1']:.4f}  top-5 {m['linear_top5']:.4f} after {m['epoch']} epochs "
+          f"({cfg.linear.mode} protocol; backbone unchanged)")
+    if res.mlflow_run_id:
+        link = f", pretraining run {res.encoder.pretrain_run_id}" if res.encoder.pretrain_run_id else ""
+        print(f"MLflow run:  {res.mlflow_run_id} at {res.tracking_uri}{link}")
+    return 0
+
+
+def _cmd_linear_eval(args: argparse.Namespace) -> int:
+    from .linear_config import load_linear_config
+
+    flags = {"encoder.pretrain_run": args.pretrain_run, "encoder.checkpoint": args.checkpoint,
+             "encoder.random_init": args.random_init or None, "encoder.arch": args.arch}
+    cfg = load_linear_config(args.recipe, args.overrides, {k: v for k, v in flags.items() if v is not None})
+    if args.print_config:
+        from .config import dump_yaml
+
+        print(dump_yaml(cfg), end="")
+        return 0
+    return _linear_eval(cfg, args.address, args.resume)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareError, compare_table, render, save_plot
+
+    try:
+        table = compare_table(args.tracking_uri, experiment=args.experiment, filter_string=args.filter,
+                              sort=args.sort, ascending=args.ascending)
+        fmt = "csv" if args.csv else "markdown" if args.markdown else "plain"
+        print(render(table, fmt), end="")
+        if args.plot:
+            save_plot(table, args.plot, x=args.x, y=args.y, lines=args.lines)
+            print(f"wrote {args.plot}", file=sys.stderr)
+    except CompareError as err:
+        print(f"mocoray compare: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .jobs.sweep import SweepFailed, linear_eval_best, load_sweep_dir, run_sweep
+    from .sweep_config import load_sweep_config
+
+    if args.then_linear_eval and not args.linear_recipe:
+        raise ConfigError("--then-linear-eval N needs --linear-recipe RECIPE (e.g. experiments/linear_digits.yaml)")
+    try:
+        if args.resume:
+            if args.recipe or args.overrides:
+                raise ConfigError("--resume continues the sweep saved in its folder; give no recipe or --set")
+            sweep = load_sweep_dir(args.resume)
+        elif args.recipe:
+            sweep = load_sweep_config(args.recipe, args.overrides)
+        else:
+            raise ConfigError("give a sweep recipe (experiments/sweep_*.yaml) or --resume <sweep folder>")
+        if args.print_config:
+            from .sweep_config import dump_sweep
+
+            print(dump_sweep(sweep), end="")
+            return 0
+        res = run_sweep(sweep, address=args.address, resume=bool(args.resume), retry_errored=args.retry_errored)
+    except SweepFailed as err:
+        print(f"mocoray sweep: {err}", file=sys.stderr)
+        return 1
+    if res.interrupted:
+        return 130
+    if res.parent_run_id:
+        print(f"MLflow sweep run: {res.parent_run_id} at {res.tracking_uri}")
+    if args.then_linear_eval:
+        linear_eval_best(res, sweep, args.then_linear_eval, args.linear_recipe, args.linear_overrides, args.address)
+    return 0 if res.best is not None else 1
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoints import export_backbone
+
+    state = export_backbone(args.checkpoint, args.out)
+    print(f"wrote {len(state)} backbone tensors to {args.out}")
+    return 0
+
+
+def _cmd_make_parquet(args: argparse.Namespace) -> int:
+    from .data.parquet import write_parquet_shards
+
+    shards = write_parquet_shards(args.image_folder, args.out, images_per_shard=args.images_per_shard)
+    print(f"wrote {len(shards)} shard(s) to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mocoray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="MoCo pretraining on Ray Train")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run with the same run.name and storage")
+    p.add_argument("--resume-from", default=None, help="start from this checkpoint directory (weights, queue, epoch)")
+    p.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    p.add_argument("--then-linear-eval", metavar="RECIPE", default=None,
+                   help="after pretraining, run the linear evaluation recipe on the final checkpoint")
+    p.add_argument("--linear-set", dest="linear_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the chained linear evaluation, e.g. --linear-set optim.epochs=10")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("linear-eval", help="linear protocol on a frozen backbone (Ray Train)")
+    _add_config_args(p)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--pretrain-run", default=None, metavar="RUN_ID",
+                        help="MLflow run id of a pretraining run: evaluates its final checkpoint")
+    source.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="checkpoint dir, exported backbone .pt or official MoCo .pth.tar (path or URL)")
+    source.add_argument("--random-init", action="store_true", help="a random-init backbone (the baseline)")
+    p.add_argument("--arch", default=None, help="backbone architecture, for files without meta.json")
+    p.add_argument("--resume", action="store_true", help="continue the run with the same run.name and storage")
+    p.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    p.set_defaults(func=_cmd_linear_eval)
+
+    p = sub.add_parser("compare", help="table of pretraining runs joined with their kNN, linear and detection results")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: all experiments)")
+    p.add_argument("--filter", default=None,
+                   help="MLflow filter on the pretraining runs, e.g. \"params.`moco.queue_size` = '4096'\"")
+    p.add_argument("--sort", default=None, metavar="COLUMN", help="sort by a column (descending), e.g. linear_top1")
+    p.add_argument("--ascending", action="store_true", help="with --sort: smallest first")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--csv", action="store_true", help="CSV output")
+    out.add_argument("--markdown", action="store_true", help="Markdown table output")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="also draw --y against --x, one line per --lines")
+    p.add_argument("--x", default="queue_size", help="param on the x axis (default: queue_size)")
+    p.add_argument("--y", default="linear_top1", help="metric on the y axis (default: linear_top1)")
+    p.add_argument("--lines", default="momentum", help="param with one line per value (default: momentum)")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("sweep", help="Ray Tune sweep of pretraining runs over K, m, tau (any config field)")
+    _add_config_args(p)
+    p.add_argument("--resume", default=None, metavar="SWEEP_DIR",
+                   help="continue the interrupted sweep in <storage_path>/<name> (finished trials are kept)")
+    p.add_argument("--retry-errored", action="store_true", help="with --resume: run errored trials again")
+    p.add_argument("--print-config", action="store_true", help="print the validated sweep config and exit")
+    p.add_argument("--then-linear-eval", type=int, default=0, metavar="N",
+                   help="after the sweep, linear evaluation of the best N completed trials")
+    p.add_argument("--linear-recipe", default=None, metavar="RECIPE", help="linear evaluation recipe for those runs")
+    p.add_argument("--linear-set", dest="linear_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for those linear evaluations, e.g. --linear-set optim.epochs=10")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("export", help="write a checkpoint's query backbone as a plain torchvision state_dict")
+    p.add_argument("checkpoint", help="checkpoint directory (local or URL)")
+    p.add_argument("out", help="output .pt path (local or URL)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("make-parquet", help="convert an image folder (class sub-folders) to Parquet shards")
+    p.add_argument("image_folder")
+    p.add_argument("out", help="output folder (local or fsspec URL)")
+    p.add_argument("--images-per-shard", type=int, default=1000)
+    p.set_defaults(func=_cmd_make_parquet)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"mocoray {args.command}: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"mocoray {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""`mocoray compare`: one row per pretraining run, its key params joined with its downstream results.
+
+Reads MLflow through its client API only (a local store or an `mlflow server` over HTTP). The join
+follows the lineage tags: a linear or detection run names its pretraining run in
+`mocoray.pretrain_run_id`; of several, the newest FINISHED one counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .tracking import JOB_TAG, PRETRAIN_RUN_TAG, client, resolve_tracking_uri
+
+
+class CompareError(ValueError):
+    """A compare request that cannot be answered (unknown experiment or column, bad filter, nothing to plot)."""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str  # what the table prints
+    aliases: tuple[str, ...] = ()  # what --sort / --x / --y / --lines also accept
+    is_metric: bool = False
+
+
+# The pretraining run's key params, under the YAML names (= MLflow param names) and short math names.
+PARAMS = {
+    "version": "moco.version",
+    "arch": "model.arch",
+    "epochs": "optim.epochs",
+    "K": "moco.queue_size",
+    "m": "moco.momentum",
+    "tau": "moco.temperature",
+    "bn_mode": "moco.bn_mode",
+}
+PARAM_ALIASES = {"K": ("queue_size",), "m": ("momentum",), "tau": ("temperature",)}
+# Detection metric names: ours first, then detectron2's; the first present is used.
+DETECTION_METRICS = {
+    "AP": ("AP", "bbox_AP", "bbox/AP"),
+    "AP50": ("AP50", "bbox_AP50", "bbox/AP50"),
+    "AP75": ("AP75", "bbox_AP75", "bbox/AP75"),
+}
+COLUMNS = (
+    Column("run_id"),
+    Column("run", ("run_name",)),
+    *(Column(short, (long, *PARAM_ALIASES.get(short, ()))) for short, long in PARAMS.items()),
+    Column("knn_top1", ("knn",), True),
+    Column("linear_top1", ("linear", "top1"), True),
+    Column("linear_top5", ("top5",), True),
+    *(Column(name, (), True) for name in DETECTION_METRICS),
+)
+
+
+@dataclass
+class CompareTable:
+    columns: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def column(name: str) -> Column:
+    """The column called `name` or one of its aliases (case-insensitive)."""
+    for col in COLUMNS:
+        if name.lower() in (col.name.lower(), *(a.lower() for a in col.aliases)):
+            return col
+    known = ", ".join(f"{c.name} ({'/'.join(c.aliases)})" if c.aliases else c.name for c in COLUMNS)
+    raise CompareError(f"unknown column {name!r}; columns: {known}")
+
+
+def _number(text: str | None) -> Any:
+    """MLflow params are strings: '4096' -> 4096, '0.99' -> 0.99, 'v2' -> 'v2'."""
+    if text is None or text in ("", "None"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _search_all(c, experiment_ids: list[str], filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = c.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token,
+                             order_by=["attributes.start_time ASC"])
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _experiment_ids(c, experiment: str | None, uri: str) -> list[str]:
+    if experiment is None:
+        return [e.experiment_id for e in c.search_experiments()]
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        names = ", ".join(sorted(e.name for e in c.search_experiments())) or "none"
+        raise CompareError(f"no experiment {experiment!r} at {uri} (experiments there: {names})")
+    return [exp.experiment_id]
+
+
+def _newest_finished(runs: list) -> dict[str, Any]:
+    """pretrain run id -> the newest FINISHED downstream run that names it."""
+    out: dict[str, Any] = {}
+    for run in runs:
+        parent = run.data.tags.get(PRETRAIN_RUN_TAG)
+        if not parent or run.info.status != "FINISHED":
+            continue
+        if parent not in out or run.info.start_time > out[parent].info.start_time:
+            out[parent] = run
+    return out
+
+
+def _first(metrics: dict[str, float], names: tuple[str, ...]) -> float | None:
+    return next((metrics[n] for n in names if n in metrics), None)
+
+
+def compare_table(
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    filter_string: str | None = None,
+    sort: str | None = None,
+    ascending: bool = False,
+) -> CompareTable:
+    """Pretraining runs (in `experiment`, else in all experiments) matching the MLflow `filter_string`,
+    joined with their newest finished linear and detection runs (found in any experiment); in start
+    order unless sorted by a column (`sort`, largest first unless `ascending`; empty cells last)."""
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(tracking_uri)
+    c = client(uri)
+    sort_col = column(sort) if sort else None
+    try:
+        exp_ids = _experiment_ids(c, experiment, uri)
+        query = f"tags.`{JOB_TAG}` = 'pretrain'" + (f" and {filter_string}" if filter_string else "")
+        pretrain = _search_all(c, exp_ids, query) if exp_ids else []
+    except MlflowException as err:
+        raise CompareError(f"MLflow search failed ({err.message.splitlines()[0][:300]}); --filter uses MLflow's "
+                           "syntax, e.g. \"params.`moco.queue_size` = '4096'\"") from None
+    everywhere = [e.experiment_id for e in c.search_experiments()]
+    linear = _newest_finished(_search_all(c, everywhere, f"tags.`{JOB_TAG}` = 'linear'"))
+    detection = _newest_finished(_search_all(c, everywhere, f"tags.`{JOB_TAG}` = 'detection'"))
+
+    rows = []
+    for run in pretrain:
+        rid, params, metrics = run.info.run_id, run.data.params, run.data.metrics
+        row: dict[str, Any] = {"run_id": rid, "run": run.info.run_name}
+        row.update({short: _number(params.get(long)) for short, long in PARAMS.items()})
+        row["knn_top1"] = metrics.get("knn_top1")
+        lin = linear[rid].data.metrics if rid in linear else {}
+        row["linear_top1"] = _first(lin, ("linear_top1_final", "linear_top1"))
+        row["linear_top5"] = _first(lin, ("linear_top5_final", "linear_top5"))
+        det = detection[rid].data.metrics if rid in detection else {}
+        row.update({name: _first(det, names) for name, names in DETECTION_METRICS.items()})
+        rows.append(row)
+    if sort_col:
+        present = [r for r in rows if r[sort_col.name] is not None]
+        missing = [r for r in rows if r[sort_col.name] is None]
+        try:
+            present.sort(key=lambda r: r[sort_col.name], reverse=not ascending)
+        except TypeError:  # mixed numbers and text: compare as text
+            present.sort(key=lambda r: str(r[sort_col.name]), reverse=not ascending)
+        rows = present + missing
+    return CompareTable([col.name for col in COLUMNS], rows)
+
+
+def _cell(value: Any, col: Column, exact: bool) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and col.is_metric and not exact:
+        return f"{value:.4f}"
+    return str(value)
+
+
+def render(table: CompareTable, fmt: str = "plain") -> str:
+    """The table as 'plain' (aligned text), 'csv' (exact values) or 'markdown'."""
+    cols = [column(name) for name in table.columns]
+    cells = [[_cell(row.get(col.name), col, exact=fmt == "csv") for col in cols] for row in table.rows]
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(table.columns)
+        writer.writerows(cells)
+        return buf.getvalue()
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(table.columns) + " |", "|" + "|".join("---" for _ in table.columns) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+        return "\n".join(lines) + "\n"
+    if fmt != "plain":
+        raise CompareError(f"unknown format {fmt!r}; one of plain, csv, markdown")
+    if not table.rows:
+        return "no pretraining runs (tag mocoray.job=pretrain) matched\n"
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(table.columns)]
+    numeric = [col.is_metric or all(isinstance(r.get(col.name), (int, float, type(None))) for r in table.rows)
+               for col in cols]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True))
+
+    return "\n".join([line(table.columns).rstrip(), *(line(r).rstrip() for r in cells)]) + "\n"
+
+
+def save_plot(table: CompareTable, path: str, x: str = "queue_size", y: str = "linear_top1",
+              lines: str | None = "momentum") -> int:
+    """Draw `y` against `x`, one line per value of `lines`, into a PNG at `path` (local or URL).
+
+    Returns the number of points drawn; raises CompareError when no run has both values.
+    """
+    import fsspec
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    xc, yc = column(x), column(y)
+    gc = column(lines) if lines else None
+    groups: dict[Any, list[tuple[float, float]]] = {}
+    for row in table.rows:
+        xv, yv = row.get(xc.name), row.get(yc.name)
+        if isinstance(xv, (int, float)) and isinstance(yv, (int, float)) and not math.isnan(yv):
+            groups.setdefault(row.get(gc.name) if gc else None, []).append((float(xv), float(yv)))
+    if not groups:
+        raise CompareError(f"nothing to plot: no run has both {xc.name} and {yc.name} (numeric)")
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key in sorted(groups, key=lambda k: (k is None, str(k) if not isinstance(k, (int, float)) else k)):
+        points = sorted(groups[key])
+        label = f"{gc.name} = {key}" if gc else None
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    xs = [p[0] for pts in groups.values() for p in pts]
+    if min(xs) > 0 and max(xs) / min(xs) >= 8:  # queue sizes and the like span powers of two
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xc.name if not xc.aliases else f"{xc.name} ({xc.aliases[0]})")
+    ax.set_ylabel(yc.name)
+    ax.set_title(f"{yc.name} vs {xc.name}")
+    ax.grid(True, alpha=0.3)
+    if gc:
+        ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    with fsspec.open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return sum(len(p) for p in groups.values())

@@ -1,0 +1,93 @@
+"""Backbones: torchvision ResNets (optionally with a CIFAR stem) and a small ResNet for CPU runs."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+ARCHS = (*TORCHVISION_ARCHS, "small_resnet")
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A 32 px ResNet sized for CPUs: stem 32 ch at full resolution, then one basic block per stage
+    at 64/128/256 channels, each halving the resolution. About 46 M multiply-adds per 32x32 image."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        )
+        self.layers = nn.Sequential(*(BasicBlock(a, b, 2) for a, b in zip(widths[:-1], widths[1:], strict=True)))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.layers(self.stem(x))), 1)
+
+
+def build_backbone(arch: str, cifar_stem: bool = False) -> tuple[nn.Module, int]:
+    """A randomly initialised backbone that maps images to pooled features, and the feature size.
+
+    torchvision ResNets keep their module names (fc becomes Identity), so their state_dict is a plain
+    torchvision one. `cifar_stem` swaps the 7x7/2 conv + max-pool for a 3x3/1 conv, the usual choice
+    for 32 px inputs.
+    """
+    if arch == "small_resnet":
+        net = SmallResNet()
+        return net, net.out_dim
+    if arch not in TORCHVISION_ARCHS:
+        raise ValueError(f"model.arch={arch!r} is not one of {', '.join(ARCHS)}")
+    net = getattr(torchvision.models, arch)(weights=None)
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    feat_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feat_dim
+
+
+def count_macs(model: nn.Module, image_size: int) -> int:
+    """Multiply-adds of one forward pass on a single image (convolutions and linear layers)."""
+    total = 0
+
+    def conv_hook(m: nn.Conv2d, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        k = m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups)
+        total += out.numel() // out.shape[0] * k
+
+    def linear_hook(m: nn.Linear, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        total += m.in_features * m.out_features
+
+    hooks = [
+        mod.register_forward_hook(conv_hook if isinstance(mod, nn.Conv2d) else linear_hook)
+        for mod in model.modules()
+        if isinstance(mod, (nn.Conv2d, nn.Linear))
+    ]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    return total

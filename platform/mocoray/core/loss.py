@@ -1,0 +1,29 @@
+"""InfoNCE over one positive key and a queue of negatives, and its top-1 accuracy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def moco_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits N x (1+K): column 0 is q.k+ (the positive), columns 1.. are q.queue (the negatives).
+
+    Computed in float32 whatever the autocast dtype: with tau ~0.07 a bf16 logit is too coarse.
+    """
+    q, k, queue = q.float(), k.float(), queue.float()
+    l_pos = (q * k).sum(dim=1, keepdim=True)
+    l_neg = q @ queue.t()
+    return torch.cat([l_pos, l_neg], dim=1) / temperature
+
+
+def info_nce(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the positive at index 0 for every row."""
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def contrastive_accuracy(logits: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose largest logit is the positive one (instance discrimination top-1)."""
+    return (logits.argmax(dim=1) == 0).float().mean()

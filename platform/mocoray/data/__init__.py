@@ -1,0 +1,86 @@
+"""Datasets for pretraining and evaluation, chosen by `data.name` in the config."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import (
+    CorruptImageError,
+    DatasetNotFoundError,
+    PretrainData,
+    SkipCorrupt,
+    TensorImages,
+    collate_batch,
+)
+
+if TYPE_CHECKING:  # config needs pydantic; the data layer itself does not
+    from ..config import DataConfig
+
+__all__ = [
+    "CorruptImageError",
+    "DatasetNotFoundError",
+    "PretrainData",
+    "SkipCorrupt",
+    "TensorImages",
+    "build_pretrain_data",
+    "collate_batch",
+    "check_paths",
+    "labelled_splits",
+]
+
+
+def labelled_splits(cfg: DataConfig) -> tuple:
+    """(train, val, num_classes) labelled datasets for `cfg`: the kNN monitor and linear eval use them."""
+    name = cfg.name
+    if name == "scattered-digits":
+        from .digits import scattered_digits
+
+        train, val = scattered_digits()
+        return train, val, 10
+    if name == "digits":
+        from .digits import plain_digits
+
+        train, val = plain_digits()
+        return train, val, 10
+    if name == "synthetic":
+        from .synthetic import synthetic_images
+
+        train = synthetic_images(cfg.synthetic_images, cfg.synthetic_classes, cfg.image_size, seed=0)
+        val = synthetic_images(max(8, cfg.synthetic_images // 4), cfg.synthetic_classes, cfg.image_size, seed=1)
+        return train, val, cfg.synthetic_classes
+    from .external import external_splits
+
+    return external_splits(cfg)
+
+
+def build_pretrain_data(cfg: DataConfig) -> PretrainData:
+    """Training images (labels unused) and the labelled kNN bank / validation split."""
+    train, val, num_classes = labelled_splits(cfg)
+    if cfg.max_images is not None and len(train) > cfg.max_images:
+        train = _take(train, cfg.max_images)
+    return PretrainData(train=train, knn_bank=train, knn_val=val, num_classes=num_classes, image_size=cfg.image_size)
+
+
+def _take(ds, n: int):
+    if isinstance(ds, TensorImages):
+        return ds.subset(range(n))
+    from torch.utils.data import Subset
+
+    return Subset(ds, range(n))
+
+
+def check_paths(cfg: DataConfig) -> None:
+    """Fail fast, on the driver, when a configured dataset path does not exist (names the field)."""
+    import fsspec
+
+    for field in ("root", "val_root"):
+        value = getattr(cfg, field)
+        if not value or any(ch in value for ch in "*?["):  # globs are resolved by the dataset itself
+            continue
+        try:
+            fs, path = fsspec.core.url_to_fs(value)
+            exists = fs.exists(path)
+        except ImportError:  # a remote filesystem whose driver is only installed on the workers
+            continue
+        if not exists:
+            raise DatasetNotFoundError(f"data.{field}: {value} does not exist (data.name={cfg.name!r})")

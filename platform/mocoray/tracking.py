@@ -1,0 +1,174 @@
+"""MLflow conventions: where runs go, what they are called, and tags that link downstream runs.
+
+Only the driver creates and ends runs; rank 0 of a job logs metrics into the run the driver made
+(so a restarted worker group keeps writing to the same run). Logging never kills training: when the
+server is unreachable the loss of metrics is reported as a warning and training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+JOB_TAG = "mocoray.job"
+PRETRAIN_RUN_TAG = "mocoray.pretrain_run_id"
+CHECKPOINT_TAG = "mocoray.checkpoint"
+RUN_KEY_TAG = "mocoray.run_key"
+SWEEP_RUN_TAG = "mocoray.sweep_run_id"
+STATUS_TAG = "mocoray.status"
+PARENT_TAG = "mocoray.parent"  # mlflow.parentRunId is MLflow's own; see link_child
+PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """Explicit URI, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; local paths made absolute.
+
+    Absolute, because Ray workers run in their own scratch directories.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def _quick_failing_http() -> None:
+    # MLflow retries an unreachable server for minutes by default; a training loop cannot wait that long.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def client(uri: str):
+    import mlflow
+
+    _quick_failing_http()
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(c, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return c.create_experiment(name)
+
+
+def param_value(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return text[:PARAM_VALUE_LIMIT]
+
+
+def find_run(c, exp_id: str, run_key: str) -> str | None:
+    runs = c.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def start_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    run_key: str | None = None,
+) -> str:
+    """Create a run (or reopen the one with the same `run_key`, for resumed jobs); returns its id."""
+    from mlflow.entities import Param, RunTag
+
+    c = client(uri)
+    exp_id = experiment_id(c, experiment)
+    run_id = find_run(c, exp_id, run_key) if run_key else None
+    if run_id is None:
+        all_tags = dict(tags)
+        if run_key:
+            all_tags[RUN_KEY_TAG] = run_key
+        run_id = c.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+        items = [Param(k, param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            c.log_batch(run_id, params=items[i : i + 100])
+    else:
+        c.update_run(run_id, status="RUNNING")
+        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return run_id
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
+    from mlflow.entities import RunTag
+
+    c = client(uri)
+    if tags:
+        c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    c.set_terminated(run_id, status=status)
+
+
+class MetricLogger:
+    """Rank 0's metric writer for an existing run; swallows (and reports) tracking-server failures."""
+
+    def __init__(self, uri: str | None, run_id: str | None) -> None:
+        self.uri, self.run_id = uri, run_id
+        self._client = client(uri) if uri and run_id else None
+        self.failures = 0
+
+    def _guard(self, what: str, fn, *args) -> None:
+        if self._client is None:
+            return
+        try:
+            fn(*args)
+        except Exception as err:  # network, server, or store errors: training must go on
+            self.failures += 1
+            log.warning("MLflow %s failed (%s); training continues without it", what, str(err).splitlines()[0][:200])
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+        self._guard("log_metrics", lambda: self._client.log_batch(self.run_id, metrics=items))
+
+    def tags(self, values: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in values.items()]
+        self._guard("set_tags", lambda: self._client.log_batch(self.run_id, tags=items))
+
+    def artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self._guard("log_artifact", lambda: self._client.log_artifact(self.run_id, local_path, artifact_path))
+
+
+def run_lineage(uri: str, run_id: str) -> dict[str, Any]:
+    """What a downstream job needs from an upstream run: its checkpoint tag, params, experiment, status."""
+    c = client(uri)
+    try:
+        run = c.get_run(run_id)
+    except Exception as err:
+        raise LookupError(f"MLflow run {run_id!r} not found at {uri}: {str(err).splitlines()[0][:200]}") from None
+    exp = c.get_experiment(run.info.experiment_id)
+    return {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        "status": run.info.status,
+        "experiment": exp.name if exp else None,
+        "job": run.data.tags.get(JOB_TAG),
+        "checkpoint": run.data.tags.get(CHECKPOINT_TAG),
+        "backbone": run.data.tags.get("mocoray.backbone"),
+        "params": dict(run.data.params),
+    }
+
+
+def find_run_by_tag(uri: str, key: str, value: str) -> str | None:
+    """Id of the newest run, in any active experiment, whose tag `key` equals `value` (None if none)."""
+    c = client(uri)
+    exp_ids = [e.experiment_id for e in c.search_experiments()]
+    if not exp_ids:
+        return None
+    quoted = value.replace("'", "\\'")
+    runs = c.search_runs(exp_ids, filter_string=f"tags.`{key}` = '{quoted}'", max_results=1,
+                         order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None

@@ -1,0 +1,104 @@
+"""Shared, real services for the tests: one local Ray session and one `mlflow server` on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a test-local cluster; no token file needed
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+# Logical CPUs for the shared Ray session. The machine has 2 cores; Ray only counts slots, and a
+# sweep of 2 concurrent trials needs a driver slot per trial beside its workers.
+RAY_TEST_CPUS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (start-up is ~20 s; per-test clusters would dominate)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store; yields its http:// URI."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    exe = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [exe, "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def tiny_pretrain_overrides(tmp_path: Path, name: str = "tiny", **extra) -> list[str]:
+    """--set overrides for a seconds-long pretraining run on synthetic data (plumbing tests)."""
+    items = {
+        "model.arch": "small_resnet",
+        "moco.queue_size": 64,
+        "moco.momentum": 0.99,
+        "moco.temperature": 0.2,
+        "moco.num_splits": 2,
+        "data.name": "synthetic",
+        "data.synthetic_images": 128,
+        "data.synthetic_classes": 4,
+        "data.image_size": 16,
+        "optim.batch_size": 32,
+        "optim.epochs": 2,
+        "optim.lr": 0.03,
+        "run.name": name,
+        "run.num_workers": 1,
+        "run.storage_path": str(tmp_path / "runs"),
+        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.experiment": "tests",
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
