@@ -15,8 +15,10 @@ round, so drift on a shared machine hits every mode alike):
 * `augment`  : (optional) `BatchAugment.two_views` alone on a device batch: the augmentation's share.
 
 Reported per mode: pairs/s (median over rounds of batch*steps/round time), the rounds' min-max,
-median ms/step, and the ratio to `model`. Warm-up steps (cudnn autotuning, loader start-up, first
-allocations) are excluded; on CUDA every step ends with a synchronize before the clock is read.
+median ms/step, and the ratio to `model`; on CPU also pairs per CPU-second of this process tree
+(loader workers included), which a busy shared machine disturbs much less than wall time. Warm-up steps (cudnn autotuning, loader start-up, first
+allocations; for `loader:N` at least 2N steps, to drain the workers' first burst of prefetched
+batches) are excluded; on CUDA every step ends with a synchronize before the clock is read.
 
 Imports only torch/torchvision and mocoray.core / mocoray.data (no Ray, MLflow or pydantic), so it
 runs on a bare GPU box: `PYTHONPATH=platform python benchmarks/step_throughput.py --device cuda ...`.
@@ -31,20 +33,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 
-from _bench import ensure_mocoray_importable, machine_line, median, spread, table
+from _bench import ensure_mocoray_importable, machine_line, median, spread, table, tree_cpu_seconds
 
 ensure_mocoray_importable()
 
 import torch  # noqa: E402
+from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
+
 from mocoray.core.augment import BatchAugment, moco_spec, two_view_transform  # noqa: E402
 from mocoray.core.backbones import ARCHS, build_backbone, count_macs  # noqa: E402
 from mocoray.core.moco import Encoder, MoCo, train_step  # noqa: E402
 from mocoray.core.shuffle_bn import BN_MODES, resolve_bn_mode  # noqa: E402
 from mocoray.data.base import SkipCorrupt, TensorImages, Transformed, collate_batch  # noqa: E402
-from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -74,14 +78,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default="model,pipeline,loader",
                    help="comma list of model, pipeline, loader, augment")
     p.add_argument("--loader-workers", default="2", help="comma list of DataLoader worker counts for `loader`")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=None, help="timed steps per mode per round (default 8 CPU, 20 CUDA)")
+    p.add_argument("--rounds", type=int, default=None, help="default 8 CPU, 3 CUDA")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per mode per round (default 3 CPU, 20 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per mode first (default 2 CPU, 5 CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    args.steps = args.steps or (20 if cuda else 8)
+    args.steps = args.steps or (20 if cuda else 3)
+    args.rounds = args.rounds or (3 if cuda else 8)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     args.threads = args.threads or (None if cuda else 1)
     return args
@@ -196,35 +201,58 @@ def main(argv: list[str] | None = None) -> dict:
           f"dim {args.dim}, {args.version}, bn_mode {bn_mode}, amp {args.amp}, channels_last {args.channels_last}, "
           f"data {args.data}; {args.rounds} rounds x {args.steps} steps per mode after {args.warmup} warm-up steps")
 
-    for fn in modes.values():  # warm-up: autotuning, first allocations, loader workers start
-        for _ in range(args.warmup):
+    for name, fn in modes.items():  # warm-up: autotuning, first allocations, loader workers start
+        # A loader with N workers first delivers a burst of up to 2N prefetched batches: drain it.
+        n_workers = int(name.split(":")[1]) if name.startswith("loader:") else 0
+        for _ in range(max(args.warmup, 2 * n_workers)):
             fn()
         sync()
 
     per_round: dict[str, list[float]] = {m: [] for m in modes}
+    cpu_round: dict[str, list[float]] = {m: [] for m in modes}
     step_ms: dict[str, list[float]] = {m: [] for m in modes}
     names = list(modes)
+    pid = os.getpid()
     for r in range(args.rounds):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate the order every round
         for name in order:
             fn = modes[name]
             sync()
-            t_round = time.perf_counter()
+            t_round, c_round = time.perf_counter(), tree_cpu_seconds(pid)
             for _ in range(args.steps):
                 t0 = time.perf_counter()
                 fn()
                 sync()
                 step_ms[name].append((time.perf_counter() - t0) * 1e3)
             per_round[name].append(args.batch * args.steps / (time.perf_counter() - t_round))
+            c_end = tree_cpu_seconds(pid)
+            if c_round is not None and c_end is not None and c_end > c_round:
+                cpu_round[name].append(args.batch * args.steps / (c_end - c_round))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {per_round[n][-1]:.1f}" for n in names)
+              + " pairs/s", flush=True)
 
     ref = median(per_round["model"]) if "model" in per_round else None
+    show_cpu = not cuda and all(cpu_round.values())
+    cpu_ref = median(cpu_round["model"]) if show_cpu and "model" in cpu_round else None
     rows, results = [], {}
     for name in names:
         pps = median(per_round[name])
-        rows.append([name, f"{pps:.1f}", f"{median(step_ms[name]):.1f}", spread(per_round[name]),
-                     f"{pps / ref:.2f}x" if ref else "-"])
-        results[name] = {"pairs_per_s": pps, "ms_per_step": median(step_ms[name]), "rounds": per_round[name]}
-    print(table(["mode", "pairs/s", "ms/step", "rounds min-max", "vs model"], rows))
+        row = [name, f"{pps:.1f}", f"{median(step_ms[name]):.1f}", spread(per_round[name]),
+               f"{pps / ref:.2f}x" if ref else "-"]
+        if show_cpu:
+            cps = median(cpu_round[name])
+            row += [f"{cps:.1f}", f"{cps / cpu_ref:.2f}x" if cpu_ref else "-"]
+        rows.append(row)
+        results[name] = {"pairs_per_s": pps, "ms_per_step": median(step_ms[name]), "rounds": per_round[name],
+                         "pairs_per_cpu_s": median(cpu_round[name]) if cpu_round[name] else None,
+                         "cpu_rounds": cpu_round[name]}
+    headers = ["mode", "pairs/s", "ms/step", "rounds min-max", "vs model"]
+    if show_cpu:
+        headers += ["pairs/CPU-s", "vs model"]
+    print(table(headers, rows))
+    if show_cpu:
+        print("pairs/CPU-s: pairs per CPU-second of this process and its children (loader workers included); "
+              "steadier than wall time on a shared machine")
     if cuda:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     out = {"args": vars(args), "machine": machine_line(args.device), "macs_per_image": macs, "results": results}

@@ -48,10 +48,11 @@ from _bench import ensure_mocoray_importable, machine_line, median, spread, tabl
 ensure_mocoray_importable()
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
 from mocoray.core.augment import BatchAugment, moco_spec  # noqa: E402
 from mocoray.core.backbones import build_backbone  # noqa: E402
 from mocoray.core.moco import Encoder, MoCo, train_step  # noqa: E402
-from torch import nn  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

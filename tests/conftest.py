@@ -38,8 +38,12 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True, configure_logging=False)
+        from mocoray.jobs.common import local_cluster_env
+
+        port = free_port()  # pinned, so Ray's processes know their own API server (see local_cluster_env)
+        with local_cluster_env(port):
+            ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=port, log_to_driver=True, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from mocoray.config import ConfigError, PretrainConfig, flatten, load_config
 from conftest import EXPERIMENTS
+from mocoray.config import ConfigError, PretrainConfig, flatten, load_config
 
 
 @pytest.mark.parametrize(

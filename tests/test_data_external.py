@@ -12,13 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
 from mocoray.config import DataConfig
 from mocoray.data import CorruptImageError, DatasetNotFoundError, SkipCorrupt, collate_batch
 from mocoray.data.base import Resized
 from mocoray.data.external import ImageFolderFS, external_splits, stl10_unlabeled
 from mocoray.data.parquet import convert_image_folder, write_parquet_shards
-from PIL import Image
-from torch.utils.data import DataLoader
 
 
 def _write_image(path: Path, seed: int, size: tuple[int, int] = (12, 10)) -> None:
@@ -194,6 +195,11 @@ def test_stl10_binary_layout_is_column_major(tmp_path: Path) -> None:
     unlabeled = stl10_unlabeled(str(tmp_path))
     assert torch.equal(unlabeled.images, torch.from_numpy(images["unlabeled"]))
     assert unlabeled.labels.tolist() == [-1, -1, -1]
+    # pretraining uses unlabeled + train; the kNN bank stays the labelled train split
+    from mocoray.data import build_pretrain_data
+
+    data = build_pretrain_data(DataConfig(name="stl10", root=str(tmp_path), image_size=96))
+    assert len(data.train) == 5 and len(data.knn_bank) == 2 and len(data.knn_val) == 1
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10", "imagefolder", "parquet"])

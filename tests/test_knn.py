@@ -1,6 +1,7 @@
 import math
 
 import torch
+
 from mocoray.core.knn import knn_predict, knn_top1
 
 

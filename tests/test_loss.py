@@ -1,6 +1,7 @@
 import math
 
 import torch
+
 from mocoray.core.loss import contrastive_accuracy, info_nce, moco_logits
 
 
@@ -31,6 +32,8 @@ def test_info_nce_matches_an_explicit_log_softmax():
 def test_contrastive_accuracy_counts_rows_where_the_positive_wins():
     logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0], [2.0, 2.5, 1.0], [9.0, 0.0, 0.0]])
     assert contrastive_accuracy(logits).item() == 0.5
+    # ties are misses: a collapsed encoder (all logits equal) scores 0, not 1
+    assert contrastive_accuracy(torch.ones(4, 5)).item() == 0.0
 
 
 def test_logits_are_float32_under_low_precision_inputs():

@@ -1,6 +1,7 @@
 import torch
-from mocoray.core.moco import Encoder, MoCo, momentum_update
 from torch import nn
+
+from mocoray.core.moco import Encoder, MoCo, momentum_update
 
 
 def _net() -> nn.Module:

@@ -161,15 +161,20 @@ def test_corrupt_image_in_an_imagefolder_is_skipped_and_counted(ray_session, tmp
 
 
 @pytest.mark.slow
-def test_readme_recipe_learns_on_scattered_digits(ray_session, tmp_path):
-    """experiments/digits_moco_v2.yaml unchanged: 2 workers, shuffle BN across them, on CPU."""
+def test_pretraining_learns_on_scattered_digits(ray_session, tmp_path):
+    """The README recipe (2 workers, shuffle BN across them, CPU), shortened from 12 to 7 epochs.
+
+    Measured here: the full 12-epoch recipe ends at kNN 0.687 vs 0.423 at random init (+0.264) in
+    256 s; this 7-epoch version must beat random init by 0.10 in under 4 minutes.
+    """
     cfg = load_config(EXPERIMENTS / "digits_moco_v2.yaml", [
-        f"run.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+        "optim.epochs=7", f"run.storage_path={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
     t0 = time.time()
     res = run_pretrain(cfg)
     minutes = (time.time() - t0) / 60
     m = res.metrics
-    print(f"\nrecipe: kNN {m['knn_top1']:.4f} vs random init {m['knn_top1_init']:.4f} "
+    print(f"\nkNN {m['knn_top1']:.4f} vs random init {m['knn_top1_init']:.4f} "
           f"(margin {m['knn_margin']:+.4f}) in {minutes:.1f} min")
     assert m["knn_margin"] >= 0.10
-    assert minutes <= 6  # 5 on an idle 2-core machine; slack for a loaded CI host
+    assert minutes <= 5  # about 2.5 on an idle 2-core machine; slack for a loaded CI host

@@ -1,4 +1,5 @@
 import torch
+
 from mocoray.core.queue import KeyQueue
 
 

@@ -5,6 +5,7 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from mocoray.core.moco import Encoder, MoCo, train_step
 from mocoray.core.shuffle_bn import shuffle_batch, unshuffle_batch
 from mocoray.jobs.common import ddp_kwargs

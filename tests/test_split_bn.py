@@ -1,6 +1,7 @@
 import torch
-from mocoray.core.shuffle_bn import SplitBatchNorm, convert_to_split_bn, resolve_bn_mode
 from torch import nn
+
+from mocoray.core.shuffle_bn import SplitBatchNorm, convert_to_split_bn, resolve_bn_mode
 
 
 def test_split_batch_norm_equals_plain_bn_on_each_sub_batch():

@@ -47,7 +47,8 @@ def _chain_linear_eval(args: argparse.Namespace, res) -> int:
     """`pretrain --then-linear-eval RECIPE`: evaluate the run that just finished, in its MLflow experiment."""
     from .linear_config import load_linear_config
 
-    fixed = {"run.name": res.run_dir.rstrip("/").rsplit("/", 1)[-1] + "-linear"}
+    storage, name = res.run_dir.rstrip("/").rsplit("/", 1)  # the linear run goes next to its pretraining run
+    fixed = {"run.name": name + "-linear", "run.storage_path": storage}
     if res.mlflow_run_id:
         fixed.update({"encoder.pretrain_run": res.mlflow_run_id, "tracking.tracking_uri": res.tracking_uri})
     else:
@@ -158,6 +159,55 @@ def _cmd_make_parquet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    """Submit any mocoray command as a Ray job: the cluster runs it next to its workers."""
+    import shlex
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    command = list(args.command_args)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("mocoray submit: give the mocoray command to run, e.g. -- pretrain experiments/x.yaml", file=sys.stderr)
+        return 2
+    address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        print("mocoray submit: --address http://<head>:8265 (or $RAY_ADDRESS) is required", file=sys.stderr)
+        return 2
+    runtime_env: dict = {}
+    if args.working_dir:
+        runtime_env["working_dir"] = args.working_dir
+        runtime_env["excludes"] = [".git", ".venv", "mocoray_runs", "mlruns", "mlflow.db", "*.pt"]
+    env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI",) if k in os.environ}
+    env_vars.update(dict(kv.split("=", 1) for kv in args.env))
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    client = JobSubmissionClient(address)
+    entrypoint = "mocoray " + " ".join(shlex.quote(c) for c in command)
+    deadline = time.time() + 120
+    while True:  # a freshly started head has no job agent for its first seconds
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None,
+                                       submission_id=args.job_id)
+            break
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(2)
+    print(f"submitted {job_id}: {entrypoint}")
+    if not args.wait:
+        print(f"follow it with: ray job logs --address {address} --follow {job_id}")
+        return 0
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while (status := client.get_job_status(job_id)) not in terminal:
+        time.sleep(2)
+    print(client.get_job_logs(job_id)[-4000:])
+    print(f"job {job_id}: {status.value}")
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mocoray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,7 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep of pretraining runs over K, m, tau (any config field)")
-    _add_config_args(p)
+    p.add_argument("recipe", nargs="?", help="sweep recipe (experiments/sweep_*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="sweep field (num_samples=8, space.moco.queue_size={grid: [1024, 4096]}) or, "
+                        "otherwise, base-recipe field (optim.epochs=3); repeatable")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--resume", default=None, metavar="SWEEP_DIR",
                    help="continue the interrupted sweep in <storage_path>/<name> (finished trials are kept)")
     p.add_argument("--retry-errored", action="store_true", help="with --resume: run errored trials again")
@@ -219,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint directory (local or URL)")
     p.add_argument("out", help="output .pt path (local or URL)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("submit", help="run a mocoray command as a job on a Ray cluster (ray job submit)")
+    p.add_argument("--address", default=None, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    p.add_argument("--working-dir", default=None, help="folder shipped to the cluster (recipes, code)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for the job")
+    p.add_argument("--job-id", default=None, help="submission id (default: generated)")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its logs")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, help="-- <mocoray command and arguments>")
+    p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("make-parquet", help="convert an image folder (class sub-folders) to Parquet shards")
     p.add_argument("image_folder")

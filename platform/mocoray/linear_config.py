@@ -33,21 +33,6 @@ class EncoderConfig(Section):
         # `--set encoder.pretrain_run=1234...` is parsed as YAML; a run id made of digits is still an id.
         return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
-    @model_validator(mode="after")
-    def _one_source(self) -> EncoderConfig:
-        given = [name for name, value in (("encoder.pretrain_run", self.pretrain_run),
-                                          ("encoder.checkpoint", self.checkpoint),
-                                          ("encoder.random_init", self.random_init)) if value]
-        if len(given) != 1:
-            raise ValueError(
-                "exactly one encoder source is needed: encoder.pretrain_run (--pretrain-run RUN_ID), "
-                "encoder.checkpoint (--checkpoint PATH) or encoder.random_init=true (--random-init); "
-                f"got {', '.join(given) if given else 'none'}"
-            )
-        if self.random_init and self.arch is None:
-            raise ValueError("encoder.random_init=true needs encoder.arch (there is no checkpoint to read it from)")
-        return self
-
 
 class LinearProtocolConfig(Section):
     mode: Literal[LINEAR_MODES] = Field(  # type: ignore[valid-type]
@@ -100,7 +85,7 @@ class LinearConfig(Section):
     def _defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        data = {"encoder": {}, **data}  # a missing source gets EncoderConfig's explanation, not "field required"
+        data = {"encoder": {}, **data}  # a missing source gets _consistent's explanation, not "field required"
         # RunConfig's own default name is the pretraining one; a linear run should not collide with it.
         run = data.get("run") or {}
         if isinstance(run, dict) and "name" not in run:
@@ -109,6 +94,18 @@ class LinearConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> LinearConfig:
+        enc = self.encoder
+        given = [name for name, value in (("encoder.pretrain_run", enc.pretrain_run),
+                                          ("encoder.checkpoint", enc.checkpoint),
+                                          ("encoder.random_init", enc.random_init)) if value]
+        if len(given) != 1:
+            raise ValueError(
+                "exactly one encoder source is needed: encoder.pretrain_run (--pretrain-run RUN_ID), "
+                "encoder.checkpoint (--checkpoint PATH) or encoder.random_init=true (--random-init); "
+                f"got {', '.join(given) if given else 'none'}"
+            )
+        if enc.random_init and enc.arch is None:
+            raise ValueError("encoder.random_init=true needs encoder.arch (there is no checkpoint to read it from)")
         workers, batch = self.run.num_workers, self.optim.batch_size
         if batch % workers:
             raise ValueError(f"optim.batch_size={batch} must be divisible by run.num_workers={workers}")

@@ -254,9 +254,17 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 
 
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
-    """Sweep file at `path` with `overrides` (sweep fields or base-recipe fields), resolved and validated."""
+    """Sweep file at `path` with `overrides`, resolved and validated.
+
+    Overrides name sweep fields (num_samples=8, scheduler.grace_period=2, or a whole space entry:
+    space.moco.queue_size={grid: [1024, 4096]}) or, for anything else, base-recipe fields (optim.epochs=3).
+    """
     data = read_yaml(path)
     sweep_items, base_items = split_overrides(overrides or [])
+    for item in [i for i in sweep_items if i.startswith("space.")]:  # space keys are dotted themselves
+        key, value = parse_override(item)
+        data["space"] = {**(data.get("space") or {}), key.removeprefix("space."): value}
+        sweep_items.remove(item)
     sweep = build(SweepConfig, data, sweep_items)
     if base_items:
         sweep = sweep.model_copy(update={"overrides": [*sweep.overrides, *base_items]})

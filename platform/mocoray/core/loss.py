@@ -25,5 +25,8 @@ def info_nce(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def contrastive_accuracy(logits: torch.Tensor) -> torch.Tensor:
-    """Fraction of rows whose largest logit is the positive one (instance discrimination top-1)."""
-    return (logits.argmax(dim=1) == 0).float().mean()
+    """Fraction of rows whose positive logit beats every negative (instance discrimination top-1).
+
+    Strictly greater: a collapsed encoder gives all-equal logits, which argmax would count as a hit.
+    """
+    return (logits[:, 0] > logits[:, 1:].max(dim=1).values).float().mean()

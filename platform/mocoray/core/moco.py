@@ -51,8 +51,11 @@ def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
     o_params = [p.detach() for p in online.parameters()]
     torch._foreach_mul_(t_params, m)
     torch._foreach_add_(t_params, o_params, alpha=1.0 - m)
-    for t_buf, o_buf in zip(target.buffers(), online.buffers(), strict=True):
-        t_buf.copy_(o_buf)
+    t_bufs, o_bufs = list(target.buffers()), list(online.buffers())
+    if len(t_bufs) != len(o_bufs):
+        raise ValueError("online and target networks differ in their buffers")
+    if t_bufs:
+        torch._foreach_copy_(t_bufs, o_bufs)
 
 
 @dataclass
@@ -128,12 +131,12 @@ class NonFiniteLossError(RuntimeError):
     """Raised on every rank at once when any rank's loss is NaN or infinite."""
 
 
-def all_ranks_finite(loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every rank; one tiny all-reduce so all ranks agree on stopping."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+def count_nonfinite_ranks(loss: torch.Tensor) -> torch.Tensor:
+    """Number of ranks whose loss is NaN or infinite (a 0-d tensor; one tiny all-reduce)."""
+    bad = (~torch.isfinite(loss.detach())).float()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad)
-    return bool(bad.item() == 0)
+    return bad
 
 
 @dataclass
@@ -163,8 +166,13 @@ def train_step(
     amp = torch.autocast(im_q.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with amp:
         out: MoCoOutput = model(im_q, im_k)
-    if not all_ranks_finite(out.loss):
-        raise NonFiniteLossError(f"loss is {out.loss.item()} (non-finite); stopping before it reaches the weights")
+    # One host sync per step for all three numbers: on a GPU every .item() stalls the pipeline.
+    bad, loss, acc = torch.stack(
+        [count_nonfinite_ranks(out.loss), out.loss.detach().float(), contrastive_accuracy(out.logits)]
+    ).tolist()
+    if bad:  # every rank sees the same count, so all stop at this step together
+        raise NonFiniteLossError(f"loss is {loss} (non-finite) on {int(bad)} rank(s); stopping before it "
+                                 "reaches the weights")
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(out.loss).backward()
@@ -179,4 +187,4 @@ def train_step(
             torch.nn.utils.clip_grad_norm_(unwrap(model).encoder_q.parameters(), clip_grad_norm)
         optimizer.step()
     unwrap(model).queue.enqueue(out.keys)
-    return StepResult(loss=out.loss.item(), accuracy=contrastive_accuracy(out.logits).item())
+    return StepResult(loss=loss, accuracy=acc)

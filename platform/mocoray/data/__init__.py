@@ -56,9 +56,16 @@ def labelled_splits(cfg: DataConfig) -> tuple:
 def build_pretrain_data(cfg: DataConfig) -> PretrainData:
     """Training images (labels unused) and the labelled kNN bank / validation split."""
     train, val, num_classes = labelled_splits(cfg)
+    bank = train
+    if cfg.name == "stl10":  # the standard protocol pretrains on unlabeled + train (105k images)
+        from torch.utils.data import ConcatDataset
+
+        from .external import stl10_unlabeled
+
+        train = ConcatDataset([train, stl10_unlabeled(cfg.root)])
     if cfg.max_images is not None and len(train) > cfg.max_images:
         train = _take(train, cfg.max_images)
-    return PretrainData(train=train, knn_bank=train, knn_val=val, num_classes=num_classes, image_size=cfg.image_size)
+    return PretrainData(train=train, knn_bank=bank, knn_val=val, num_classes=num_classes, image_size=cfg.image_size)
 
 
 def _take(ds, n: int):

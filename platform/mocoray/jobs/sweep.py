@@ -16,14 +16,20 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Callback
+import fsspec
+import ray
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from ..config import PretrainConfig, build, dump_yaml, read_yaml, set_dotted
+from ..config import PretrainConfig, build, dump_yaml, set_dotted
 from ..sweep_config import SweepConfig, dump_sweep, is_int_field, max_epochs, resolve, trial_base
 from ..tracking import (
     JOB_TAG,
@@ -38,6 +44,7 @@ from ..tracking import (
     start_run,
 )
 from .common import absolute_storage, init_ray
+from .pretrain import run_pretrain
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +79,6 @@ def _plain(value: Any) -> Any:
 
 def tune_space(sweep: SweepConfig) -> dict[str, Any]:
     """The Tune param_space: dotted field name -> Tune domain."""
-    from ray import tune
-
     space: dict[str, Any] = {}
     for key, spec in sweep.space.items():
         if spec.kind == "grid":
@@ -92,11 +97,6 @@ def tune_space(sweep: SweepConfig) -> dict[str, Any]:
 
 def run_trial(config: dict[str, Any], template: dict[str, Any], sweep_name: str, parent_run_id: str | None) -> None:
     """One Tune trial: the template config + this trial's values -> a full pretraining run on Ray Train."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from .pretrain import run_pretrain
-
     trial_id = tune.get_context().get_trial_id()
     data = copy.deepcopy(template)
     for key, value in config.items():
@@ -123,7 +123,7 @@ def _early_stop_tags(epochs_run: int, epochs: int) -> dict[str, str]:
     return {STATUS_TAG: "early_stopped", "mocoray.epochs_run": str(epochs_run), "mocoray.epochs_planned": str(epochs)}
 
 
-class EarlyStopMarker(Callback):
+class EarlyStopMarker(tune.Callback):
     """Driver side: when Tune stops a trial early, its child run is ended KILLED and tagged early_stopped.
 
     Tune tears the trial's process (and so its TorchTrainer) down, so the trial cannot end its run itself.
@@ -146,8 +146,6 @@ class EarlyStopMarker(Callback):
 
 
 def _build_scheduler(sweep: SweepConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     s = sweep.scheduler
     if s.type == "fifo":
         return FIFOScheduler()
@@ -161,10 +159,9 @@ def _concurrency(sweep: SweepConfig, base: PretrainConfig) -> int:
     """Trials at once: what the user asked for, else as many as the cluster fits (driver + workers each).
 
     Tune only reserves each trial's driver; the workers' placement group comes later from Ray Train.
-    Letting Tune start more trials than fit would park every trial's workers forever.
+    Letting Tune start more trials than fit would park every trial's workers forever. Sized by the
+    base recipe's workers (a searched run.num_workers is not accounted for).
     """
-    import ray
-
     run = base.run
     per_cpu = sweep.resources.trial_cpus + run.num_workers * run.cpus_per_worker
     per_gpu = run.num_workers * run.gpus_per_worker if run.use_gpu else 0.0
@@ -281,6 +278,7 @@ def make_plots(rows: list[dict[str, Any]], sweep: SweepConfig, out_dir: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     col = f"best_{sweep.metric}"
     scored = [r for r in rows if r[col] is not None]
@@ -301,6 +299,9 @@ def make_plots(rows: list[dict[str, Any]], sweep: SweepConfig, out_dir: Path) ->
                 ax.scatter(xs, [r[col] for r in pts], marker=marker, color=color, label=status.replace("_", " "))
         if numeric and _log_axis(sweep, key, values):
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         if not numeric:
             ax.set_xticks(range(len(categories)), categories)
         ax.set_xlabel(key)
@@ -364,13 +365,35 @@ def _safe(what: str, fn, *args, **kwargs) -> Any:
         return None
 
 
-def load_sweep_dir(path: str | Path) -> SweepConfig:
-    """The resolved sweep saved in a sweep folder (what `--resume <folder>` continues)."""
-    file = Path(path) / SWEEP_FILE
-    if not file.is_file():
+def load_sweep_dir(path: str) -> SweepConfig:
+    """The resolved sweep saved in a sweep folder, local or URL (what `--resume <folder>` continues)."""
+    url = absolute_storage(str(path)).rstrip("/") + "/" + SWEEP_FILE
+    fs, file = fsspec.core.url_to_fs(url)
+    if not fs.isfile(file):
         raise SweepFailed(f"--resume: {path} is not a sweep folder (no {SWEEP_FILE}); "
                           "pass the folder printed when the sweep started: <storage_path>/<name>")
-    return resolve(build(SweepConfig, read_yaml(file)))
+    with fs.open(file) as f:
+        sweep = build(SweepConfig, yaml.safe_load(f))
+    storage, name = url.rsplit("/", 2)[:2]  # the folder may have moved since: its parent is the storage
+    if name != sweep.name:
+        raise SweepFailed(f"--resume: the folder {path} is named {name!r} but holds sweep {sweep.name!r}; "
+                          "its trials' runs are named after the sweep: rename the folder back")
+    return resolve(sweep.model_copy(update={"storage_path": storage}))
+
+
+def _pinned(sweep: SweepConfig) -> SweepConfig:
+    """Storage, data paths and the tracking URI made absolute: a resume from elsewhere finds the same ones."""
+    assert isinstance(sweep.base, dict)
+    base = copy.deepcopy(sweep.base)
+    for key in ("root", "val_root"):
+        if base["data"].get(key):
+            base["data"][key] = absolute_storage(base["data"][key])  # trials also run in scratch dirs
+    tracking = dict(sweep.tracking)
+    trial_tracking = trial_base(sweep).tracking
+    if trial_tracking.enabled:
+        tracking["tracking_uri"] = resolve_tracking_uri(trial_tracking.tracking_uri)
+    return sweep.model_copy(update={"base": base, "tracking": tracking,
+                                    "storage_path": absolute_storage(sweep.storage_path)})
 
 
 def run_sweep(
@@ -381,41 +404,37 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or with `resume`, continue) a sweep; every check of the space happens before any trial.
 
-    `sweep` must be resolved (`sweep_config.load_sweep_config` / `resolve`). On resume, finished
+    A `base` given as a path is read relative to the working directory. On resume, finished
     trials are kept as they are, unfinished ones continue their own Ray Train runs, errored ones are
     retried only with `retry_errored`.
     """
-    from ray import tune
-
-    base = trial_base(sweep)  # validates the base, the resources and every space entry
-    storage = absolute_storage(sweep.storage_path)
+    sweep = _pinned(resolve(sweep))  # resolve validates the base, resources, scheduler and every space entry
+    base = trial_base(sweep)
+    storage = sweep.storage_path
     sweep_dir = storage.rstrip("/") + "/" + sweep.name
     train_storage = sweep_dir + "/" + TRAIN_DIR
-    local = "://" not in sweep_dir
-    if resume and not tune.Tuner.can_restore(sweep_dir):
+    started = tune.Tuner.can_restore(sweep_dir)  # Tune saved its state: trials may have run
+    if resume and not started:
         raise SweepFailed(f"--resume: no sweep state at {sweep_dir} (it never got to its first trial?); "
                           "start it again without --resume")
-    if not resume and local and Path(sweep_dir).exists():
+    if not resume and started:
         raise SweepFailed(f"sweep {sweep.name!r} already exists at {sweep_dir}; continue it with "
                           f"`mocoray sweep --resume {sweep_dir}` or choose another name (--set name=...)")
-    if local:
-        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (Path(sweep_dir) / SWEEP_FILE).write_text(dump_sweep(sweep))
+    fs, path = fsspec.core.url_to_fs(sweep_dir)
+    fs.makedirs(path, exist_ok=True)
+    if not resume:
+        with fs.open(path + "/" + SWEEP_FILE, "w") as f:
+            f.write(dump_sweep(sweep))
 
     template = base.model_dump(mode="json")
     template["run"]["storage_path"] = train_storage
-    for key in ("root", "val_root"):
-        if template["data"][key]:
-            template["data"][key] = absolute_storage(template["data"][key])  # trials run in scratch dirs
 
     init_ray(address)
     max_concurrent = _concurrency(sweep, base)
 
     uri = parent_id = None
     if base.tracking.enabled:
-        uri = resolve_tracking_uri(base.tracking.tracking_uri)
-        template["tracking"]["tracking_uri"] = uri
+        uri = base.tracking.tracking_uri
         parent_id = _safe("start of the sweep run", start_run, uri, base.tracking.experiment, sweep.name,
                           _parent_params(sweep, max_concurrent),
                           {JOB_TAG: "sweep", "mocoray.sweep_dir": sweep_dir}, run_key=sweep_dir)
@@ -486,19 +505,23 @@ def _finish(sweep: SweepConfig, base: PretrainConfig, results, sweep_dir: str, t
     col = f"best_{sweep.metric}"
     columns = ["trial_id", *sweep.space, col, "epochs", "status"]
     print(f"\n{_format_table(rows, columns)}\n")
-    out = Path(sweep_dir)
+    remote = "://" in sweep_dir
+    out = Path(tempfile.mkdtemp(prefix="mocoray-sweep-")) if remote else Path(sweep_dir)  # staged, then copied
     pd.DataFrame(rows).to_csv(out / TRIALS_CSV, index=False)
     best = _pick_best(rows, sweep)
-    best_path = None
+    best_path = f"{sweep_dir}/{BEST_CONFIG}" if best is not None else None
     if best is not None:
         cfg = best_config(sweep, best)
-        best_path = str(out / BEST_CONFIG)
         header = (f"# Best trial {best['trial_id']} of sweep {sweep.name!r}: {col}={best[col]:.4f} "
                   f"({best['epochs']} epochs).\n# Run it with: mocoray pretrain {best_path}\n")
-        Path(best_path).write_text(header + dump_yaml(cfg))
+        (out / BEST_CONFIG).write_text(header + dump_yaml(cfg))
+    plots = make_plots(rows, sweep, out / PLOTS_DIR)
+    if remote:
+        fs, path = fsspec.core.url_to_fs(sweep_dir)
+        fs.put(str(out) + "/", path, recursive=True)
+    if best is not None:
         print(f"best trial {best['trial_id']}: {col}={best[col]:.4f} with "
               + ", ".join(f"{k}={best[k]}" for k in sweep.space) + f"\nbest config: {best_path}")
-    plots = make_plots(rows, sweep, out / PLOTS_DIR)
 
     if parent_id:
         c = client(uri)
@@ -514,12 +537,15 @@ def _finish(sweep: SweepConfig, base: PretrainConfig, results, sweep_dir: str, t
         for k, v in metrics.items():
             _safe("log_metric", c.log_metric, parent_id, k, float(v))
         _safe("log_artifact", c.log_artifact, parent_id, str(out / TRIALS_CSV))
-        if best_path:
-            _safe("log_artifact", c.log_artifact, parent_id, best_path)
+        if best is not None:
+            _safe("log_artifact", c.log_artifact, parent_id, str(out / BEST_CONFIG))
         for p in plots:
             _safe("log_artifact", c.log_artifact, parent_id, str(p), PLOTS_DIR)
         _safe("end of the sweep run", end_run, uri, parent_id, "FINISHED", {STATUS_TAG: "completed"})
-    return SweepResult(sweep_dir, rows, best, best_path, parent_id, uri, [str(p) for p in plots])
+    if remote:
+        shutil.rmtree(out)
+    plot_paths = [f"{sweep_dir}/{PLOTS_DIR}/{p.name}" for p in plots]
+    return SweepResult(sweep_dir, rows, best, best_path, parent_id, uri, plot_paths)
 
 
 
@@ -543,11 +569,13 @@ def linear_eval_best(result: SweepResult, sweep: SweepConfig, n: int, recipe: st
         if row.get("mlflow_run_id"):
             fixed.update({"encoder.pretrain_run": row["mlflow_run_id"], "tracking.tracking_uri": result.tracking_uri})
         else:
-            checkpoints = sorted(Path(row["run_dir"]).glob("epoch_*"))
+            fs, run_path = fsspec.core.url_to_fs(row["run_dir"])
+            checkpoints = sorted(fs.glob(run_path + "/epoch_*"))
             if not checkpoints:
                 print(f"[mocoray] trial {row['trial_id']}: no checkpoint to evaluate")
                 continue
-            fixed.update({"encoder.checkpoint": str(checkpoints[-1]), "tracking.enabled": False})
+            last = checkpoints[-1] if "://" not in row["run_dir"] else fs.unstrip_protocol(checkpoints[-1])
+            fixed.update({"encoder.checkpoint": last, "tracking.enabled": False})
         cfg = load_linear_config(recipe, overrides, fixed)
         try:
             res = run_linear_eval(cfg, address=address)

@@ -1,0 +1,293 @@
+"""`mocoray sweep`: Ray Tune over K, m and tau, each trial a Ray Train run, tracked as MLflow parent/children."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from PIL import Image
+
+from conftest import EXPERIMENTS, REPO
+from mocoray.cli import main
+from mocoray.config import ConfigError, build, load_config
+from mocoray.jobs.sweep import linear_eval_best, run_sweep, trial_run_name, tune_space
+from mocoray.sweep_config import SweepConfig, load_sweep_config
+from mocoray.tracking import JOB_TAG, STATUS_TAG, SWEEP_RUN_TAG
+
+TINY = EXPERIMENTS / "sweep_digits_tiny.yaml"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_overrides(tmp_path: Path, name: str, **extra: str) -> list[str]:
+    """The tiny digits sweep made faster still: 256 images, 3 epochs, results under tmp_path."""
+    items = {
+        "name": name,
+        "storage_path": str(tmp_path / "sweeps"),
+        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.experiment": "sweep-tests",
+        "data.max_images": "256",
+        "knn.max_bank": "256",
+        "optim.batch_size": "32",
+        "optim.epochs": "3",
+        "run.storage_path": str(tmp_path / "runs"),
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def children_of(uri: str, experiment: str, parent_id: str) -> list:
+    c = mlflow.MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP_RUN_TAG}` = '{parent_id}'")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The space is checked before any trial
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("space.moco.queu_size={grid: [16, 64]}",
+         "space.moco.queu_size: unknown field; allowed fields of moco: version, queue_size, momentum"),
+        ("space.mocoo.queue_size={grid: [16, 64]}", "space.mocoo.queue_size: unknown field; allowed top-level"),
+        ("space.moco.momentum={uniform: [0.9, 1.5]}",
+         "space.moco.momentum: uniform upper end 1.5 is not a valid moco.momentum:\n  moco.momentum=1.5: "
+         "Input should be less than 1"),
+        ("space.moco.temperature={loguniform: [0.0, 0.5]}", "loguniform: low 0.0 must be > 0"),
+        ("space.moco.queue_size={grid: [0, 4096]}", "space.moco.queue_size: grid value 0 is not a valid"),
+        ("space.moco.bn_mode={choice: [split, bogus]}", "moco.bn_mode='bogus': Input should be"),
+        ("space.moco.num_splits={randint: [1, 3]}", "must be divisible by moco.num_splits=3"),
+        ("space.run.name={grid: [a, b]}", "space.run.name: set by the sweep for each trial"),
+    ],
+)
+def test_bad_search_space_fails_before_any_trial_with_a_message_naming_the_field(tmp_path, capsys, entry, message):
+    args = ["sweep", str(TINY), "--set", entry]
+    for item in tiny_overrides(tmp_path, "bad"):
+        args += ["--set", item]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()  # nothing was started, not even the sweep folder
+
+
+def test_run_sweep_validates_a_programmatic_sweep_before_starting_ray(tmp_path):
+    sweep = build(SweepConfig, {"base": {"optim": {"epochs": 2}}, "storage_path": str(tmp_path),
+                                "space": {"moco.momentum": {"uniform": [0.9, 1.5]}}})
+    with pytest.raises(ConfigError, match="moco.momentum=1.5: Input should be less than 1"):
+        run_sweep(sweep)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_asha_grace_period_longer_than_the_trials_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"scheduler.grace_period=5 must be <= scheduler.max_t=3"):
+        load_sweep_config(TINY, tiny_overrides(tmp_path, "g", **{"scheduler.grace_period": "5"}))
+
+
+def test_integer_fields_get_integer_samples_and_float_fields_log_uniform_ones(tmp_path):
+    from ray.tune.search.sample import Float, Integer
+
+    sweep = load_sweep_config(TINY, tiny_overrides(tmp_path, "s", **{
+        "space.moco.queue_size": "{loguniform: [1024, 65536]}"}))
+    space = tune_space(sweep)
+    assert isinstance(space["moco.queue_size"], Integer)
+    assert (space["moco.queue_size"].lower, space["moco.queue_size"].upper) == (1024, 65537)  # high included
+    assert isinstance(space["moco.temperature"], Float)
+    assert space["moco.momentum"] == {"grid_search": [0.9, 0.99]}
+
+
+def test_resume_of_a_folder_without_a_sweep_says_what_to_pass(tmp_path, capsys):
+    assert main(["sweep", "--resume", str(tmp_path)]) == 1
+    assert "is not a sweep folder (no sweep.yaml)" in capsys.readouterr().err
+
+
+def test_shipped_sweep_recipes_validate():
+    cifar = load_sweep_config(EXPERIMENTS / "sweep_k_m_tau_cifar10.yaml")
+    assert cifar.space["moco.queue_size"].values == [1024, 4096, 16384, 65536]
+    assert cifar.space["moco.temperature"].bounds == (0.05, 0.5)
+    assert cifar.resources.gpus_per_worker == 0.5
+    tiny = load_sweep_config(TINY)
+    assert set(tiny.space) == {"moco.queue_size", "moco.momentum", "moco.temperature"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# A real sweep on CPU
+
+
+def test_cpu_sweep_over_k_m_tau_tracks_every_trial_stops_some_early_and_returns_the_best_config(
+    ray_session, tmp_path
+):
+    # Ranked by the InfoNCE loss, which grows with log K: the two K=512 trials start after the K=16
+    # ones have recorded epoch 1 and always fall below ASHA's cutoff there (a tau range this narrow
+    # cannot make up the gap), so at least two trials are stopped early, whatever the timing.
+    overrides = tiny_overrides(tmp_path, "k-m-tau", metric="loss", mode="min", **{
+        "space.moco.queue_size": "{grid: [16, 512]}",
+        "space.moco.temperature": "{loguniform: [0.15, 0.25]}",
+    })
+    sweep = load_sweep_config(TINY, overrides)
+    assert sweep.max_concurrent_trials == 2 and sweep.scheduler.type == "asha"
+    res = run_sweep(sweep)
+
+    rows = {r["trial_id"]: r for r in res.trials}
+    assert len(rows) == 4
+    assert {(r["moco.queue_size"], r["moco.momentum"]) for r in rows.values()} == {
+        (16, 0.9), (16, 0.99), (512, 0.9), (512, 0.99)}
+    assert all(0.15 <= r["moco.temperature"] <= 0.25 for r in rows.values())
+    statuses = [r["status"] for r in rows.values()]
+    assert "completed" in statuses
+    assert all(r["status"] == "early_stopped" for r in rows.values() if r["moco.queue_size"] == 512)
+    assert all(r["epochs"] < 3 for r in rows.values() if r["status"] == "early_stopped")
+
+    # MLflow: one parent, one child per trial with the trial's own params, like any pretraining run
+    c = mlflow.MlflowClient(res.tracking_uri)
+    parent = c.get_run(res.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[JOB_TAG] == "sweep"
+    assert parent.data.params["space.moco.queue_size"] == "grid[16, 512]"
+    assert parent.data.params["space.moco.temperature"] == "loguniform[0.15, 0.25]"
+    assert parent.data.params["scheduler.type"] == "asha"
+    assert parent.data.params["scheduler.grace_period"] == "1"
+    assert parent.data.metrics["best_loss"] == pytest.approx(res.best["best_loss"])
+    assert parent.data.metrics["trials_early_stopped"] >= 2
+    assert parent.data.params["best.moco.queue_size"] == str(res.best["moco.queue_size"])
+    artifacts = {a.path for a in c.list_artifacts(res.parent_run_id)}
+    assert {"trials.csv", "best_config.yaml", "sweep.yaml", "plots"} <= artifacts
+    assert len(c.list_artifacts(res.parent_run_id, "plots")) == 4  # 3 fields + the K x m heatmap
+
+    children = children_of(res.tracking_uri, "sweep-tests", res.parent_run_id)
+    assert len(children) == 4
+    for child in children:
+        tags, params = child.data.tags, child.data.params
+        row = rows[tags["mocoray.trial_id"]]
+        assert tags[JOB_TAG] == "pretrain"
+        assert tags["mlflow.parentRunId"] == res.parent_run_id
+        assert child.info.run_name == trial_run_name("k-m-tau", row["trial_id"])
+        assert params["moco.queue_size"] == str(row["moco.queue_size"])
+        assert params["moco.momentum"] == str(row["moco.momentum"])
+        assert float(params["moco.temperature"]) == pytest.approx(row["moco.temperature"])
+        assert params["optim.epochs"] == "3" and params["data.max_images"] == "256"
+        assert "loss" in child.data.metrics and "knn_top1" in child.data.metrics
+        if row["status"] == "early_stopped":
+            assert child.info.status == "KILLED"
+            assert tags[STATUS_TAG] == "early_stopped"
+        else:
+            assert child.info.status == "FINISHED"
+            assert tags[STATUS_TAG] == "completed"
+
+    # the best config is a ready-to-run pretraining recipe with the best trial's values
+    assert res.best["status"] == "completed"
+    best = load_config(res.best_config_path)
+    assert best.moco.queue_size == res.best["moco.queue_size"] == 16
+    assert best.moco.momentum == res.best["moco.momentum"]
+    assert best.moco.temperature == pytest.approx(res.best["moco.temperature"])
+    assert best.run.name == "k-m-tau-best"
+    assert best.run.storage_path == str(tmp_path / "runs")
+    assert best.optim.epochs == 3
+
+    # plots: valid PNGs, one per field plus the heatmap of the two grid fields
+    names = sorted(Path(p).name for p in res.plots)
+    assert names == ["heatmap_moco.queue_size_moco.momentum.png", "loss_vs_moco.momentum.png",
+                     "loss_vs_moco.queue_size.png", "loss_vs_moco.temperature.png"]
+    for p in res.plots:
+        assert Path(p).read_bytes()[:8] == PNG_MAGIC
+        with Image.open(p) as im:
+            im.verify()
+    assert (Path(res.sweep_dir) / "trials.csv").read_text().count("\n") == 5
+
+    # --then-linear-eval 1: the best trial's backbone evaluated, the linear run linked to the trial's run
+    linear = linear_eval_best(res, sweep, 1, str(EXPERIMENTS / "linear_digits.yaml"), [
+        "optim.epochs=1", "data.max_images=256", f"run.storage_path={tmp_path / 'runs'}"])
+    assert [(r["trial_id"], r["status"]) for r in linear] == [(res.best["trial_id"], "completed")]
+    linear_run = c.get_run(linear[0]["mlflow_run_id"])
+    assert linear_run.data.tags["mocoray.pretrain_run_id"] == res.best["mlflow_run_id"]
+    assert 0.0 <= linear_run.data.metrics["linear_top1"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume after the driver is killed
+
+
+def _terminated_and_open(sweep_dir: Path) -> tuple[set[str], set[str]]:
+    """Trial ids Tune's saved experiment state marks TERMINATED, and the others."""
+    from ray.tune import ExperimentAnalysis
+
+    if not list(sweep_dir.glob("experiment_state-*.json")):
+        return set(), set()
+    try:
+        trials = ExperimentAnalysis(str(sweep_dir)).trials
+    except Exception:  # caught mid-write: look again
+        return set(), set()
+    done = {t.trial_id for t in trials if t.status == "TERMINATED"}
+    return done, {t.trial_id for t in trials} - done
+
+
+def _trial_footprint(sweep_dir: Path, trial_id: str) -> dict:
+    """What a re-run of a trial would change: its Tune results and its Ray Train run's files."""
+    results = (sweep_dir / f"trial_{trial_id}" / "result.json").read_text().splitlines()
+    run_dir = sweep_dir / "train" / trial_run_name("resume", trial_id)
+    files = {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    return {"results": [json.loads(line)["epoch"] for line in results], "files": files}
+
+
+def test_sweep_killed_mid_run_resumes_without_rerunning_finished_trials(ray_session, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    overrides = tiny_overrides(tmp_path, "resume", max_concurrent_trials="1", **{
+        "scheduler.type": "fifo",
+        "space.moco.queue_size": "{grid: [16, 64]}",
+        "space.moco.momentum": "{grid: [0.99]}",
+        "space.moco.temperature": "{choice: [0.2]}",
+    })
+    cmd = [sys.executable, "-m", "mocoray.cli", "sweep"]
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    sweep_dir = tmp_path / "sweeps" / "resume"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen([*cmd, str(TINY), *sets, "--address", address], stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        deadline = time.time() + 300
+        done: set[str] = set()
+        while time.time() < deadline and driver.poll() is None:
+            done, still_open = _terminated_and_open(sweep_dir)
+            if done and still_open:
+                break
+            time.sleep(1)
+        if driver.poll() is not None:
+            pytest.fail(f"the sweep ended before it could be killed:\n{(tmp_path / 'first.log').read_text()[-3000:]}")
+        driver.send_signal(signal.SIGKILL)  # the driver dies without any chance to clean up
+        driver.wait(timeout=30)
+    assert done, f"no trial finished in time:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
+    before = {t: _trial_footprint(sweep_dir, t) for t in done}
+    c = mlflow.MlflowClient(uri)
+    parent_id = c.search_runs([c.get_experiment_by_name("sweep-tests").experiment_id],
+                              filter_string=f"tags.`{JOB_TAG}` = 'sweep'")[0].info.run_id
+    history_before = {r.data.tags["mocoray.trial_id"]: len(c.get_metric_history(r.info.run_id, "loss"))
+                      for r in children_of(uri, "sweep-tests", parent_id)}
+
+    resumed = subprocess.run([*cmd, "--resume", str(sweep_dir), "--address", address], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    # finished trials were kept as they were: no new results, no new or rewritten files, no new metrics
+    for trial_id, footprint in before.items():
+        assert _trial_footprint(sweep_dir, trial_id) == footprint
+        assert footprint["results"] == [1, 2, 3]
+    children = children_of(uri, "sweep-tests", parent_id)
+    assert len(children) == 2  # one MLflow run per trial, the resumed trial's run reopened, not duplicated
+    for child in children:
+        trial_id = child.data.tags["mocoray.trial_id"]
+        assert child.info.status == "FINISHED"
+        if trial_id in before:
+            assert len(c.get_metric_history(child.info.run_id, "loss")) == history_before[trial_id]
+    # the sweep as a whole finished: both trials completed all their epochs, under the same parent run
+    rows = (sweep_dir / "trials.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",3,3,completed," in row for row in rows[1:])
+    assert c.get_run(parent_id).info.status == "FINISHED"
+    assert (sweep_dir / "best_config.yaml").is_file()
