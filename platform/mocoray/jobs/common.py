@@ -162,3 +162,91 @@ def ddp_kwargs() -> dict:
 
     params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driver plumbing shared by the Ray Train jobs
+
+STATUS_FILE = "mocoray_status.json"  # how a job's rank 0 tells the driver how it ended
+
+
+def fs_exists(url: str) -> bool:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
+def write_status(status_url: str, status: dict) -> None:
+    import json
+
+    import fsspec
+
+    with fsspec.open(status_url, "w") as f:
+        json.dump(status, f)
+
+
+def read_status(status_url: str) -> dict | None:
+    import json
+
+    import fsspec
+
+    if not fs_exists(status_url):
+        return None
+    with fsspec.open(status_url, "r") as f:
+        return json.load(f)
+
+
+def prepare_run_dir(run_dir: str, name: str, resume: bool) -> str:
+    """Check that the run is new (or, with `resume`, that it exists), create it, clear a stale status.
+
+    A run name is a key: Ray Train continues whatever run it finds under the same name, so running a
+    name again by accident would silently resume it. Returns the URL of the run's status file.
+    """
+    import fsspec
+
+    exists = fs_exists(run_dir)
+    if exists and not resume:
+        raise FileExistsError(f"run {name!r} already exists at {run_dir}; pass --resume to continue it, "
+                              "or --set run.name=<new name> for a new run")
+    if resume and not exists:
+        raise FileNotFoundError(f"--resume: no run {name!r} at {run_dir} to continue")
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    fs.makedirs(path, exist_ok=True)
+    status_url = run_dir + "/" + STATUS_FILE
+    if fs_exists(status_url):  # a resumed run's old status says nothing about this attempt
+        fs.rm(fsspec.core.url_to_fs(status_url)[1])
+    return status_url
+
+
+def make_torch_trainer(train_fn, loop_config: dict, run, storage: str, callbacks: list | None = None):
+    """A TorchTrainer for `run` (a config.RunConfig): workers, resources, storage, failures, checkpoints."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": run.cpus_per_worker}
+    if run.use_gpu:
+        resources["GPU"] = run.gpus_per_worker
+    return TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run.name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def checkpoint_url(result, storage: str) -> str | None:
+    """The final checkpoint of a Ray Train result as a path or URL the user can pass on."""
+    if not result.checkpoint:
+        return None
+    path = result.checkpoint.path
+    if "://" in storage:
+        return path if "://" in path else storage.split("://", 1)[0] + "://" + path
+    return path if path.startswith("/") else "/" + path

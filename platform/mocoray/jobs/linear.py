@@ -18,7 +18,6 @@ same thing as `augmented`, whose crops change every epoch.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -61,16 +60,20 @@ from ..tracking import (
 )
 from .common import (
     absolute_storage,
+    checkpoint_url,
     console,
     extract_features,
     init_ray,
     lr_at,
+    make_torch_trainer,
+    prepare_run_dir,
     quiet_ray_worker_logs,
     rank_world,
+    read_status,
+    write_status,
 )
 
 log = logging.getLogger(__name__)
-STATUS_FILE = "mocoray_status.json"
 LINEAR_RUN_TAG = "mocoray.linear_run_id"  # set on the pretraining run: its newest linear evaluation
 FC_CHECKPOINT_TAG = "mocoray.fc_checkpoint"  # the linear run's own checkpoint (the trained fc layer)
 RANDOM_INIT = "random-init"
@@ -389,7 +392,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             assert_backbone_unchanged(backbone, reference)
         except BackboneChangedError as err:
             if rank == 0:
-                _write_status(loop_config["status_url"], {"status": "backbone_changed", "epoch": epoch_no,
+                write_status(loop_config["status_url"], {"status": "backbone_changed", "epoch": epoch_no,
                                                           "message": str(err)})
                 if logger:
                     logger.tags({STATUS_TAG: "backbone_changed"})
@@ -429,13 +432,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"epoch_{epoch_no:04d}")
     if rank == 0:
-        _write_status(loop_config["status_url"], {"status": "completed", "epoch": cfg.optim.epochs,
+        write_status(loop_config["status_url"], {"status": "completed", "epoch": cfg.optim.epochs,
                                                   "linear_top1": top1, "linear_top5": top5})
-
-
-def _write_status(status_url: str, status: dict[str, Any]) -> None:
-    with fsspec.open(status_url, "w") as f:
-        json.dump(status, f)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -514,11 +512,6 @@ def resolve_encoder(cfg: LinearConfig) -> EncoderSource:
     return EncoderSource(source, arch, cifar_stem, run_id, experiment)
 
 
-def _fs_exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
-
-
 def _safe(what: str, fn, *args, **kwargs) -> None:
     try:
         fn(*args, **kwargs)
@@ -543,8 +536,6 @@ def _open_mlflow_run(cfg: LinearConfig, encoder: EncoderSource, run_dir: str, ur
 
 def run_linear_eval(cfg: LinearConfig, address: str | None = None, resume: bool = False) -> LinearResult:
     """Run one linear evaluation; returns where its results are (raises LinearEvalFailed otherwise)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
     encoder = resolve_encoder(cfg)
@@ -552,16 +543,10 @@ def run_linear_eval(cfg: LinearConfig, address: str | None = None, resume: bool 
 
     storage = absolute_storage(cfg.run.storage_path)
     run_dir = storage.rstrip("/") + "/" + cfg.run.name
-    status_url = run_dir + "/" + STATUS_FILE
-    if _fs_exists(run_dir) and not resume:
-        raise LinearEvalFailed(f"run {cfg.run.name!r} already exists at {run_dir}; pass --resume to continue it, "
-                               "or --set run.name=<new name> for a new run")
-    if resume and not _fs_exists(run_dir):
-        raise LinearEvalFailed(f"--resume: no run {cfg.run.name!r} at {run_dir} to continue")
-    fs, path = fsspec.core.url_to_fs(run_dir)
-    fs.makedirs(path, exist_ok=True)
-    if _fs_exists(status_url):  # a resumed run's old status says nothing about this attempt
-        fs.rm(fsspec.core.url_to_fs(status_url)[1])
+    try:
+        status_url = prepare_run_dir(run_dir, cfg.run.name, resume)
+    except (FileExistsError, FileNotFoundError) as err:
+        raise LinearEvalFailed(str(err)) from None
 
     run_id = None
     if tracking_uri:
@@ -573,42 +558,25 @@ def run_linear_eval(cfg: LinearConfig, address: str | None = None, resume: bool 
             tracking_uri = None
 
     init_ray(address)
-    resources = {"CPU": cfg.run.cpus_per_worker}
-    if cfg.run.use_gpu:
-        resources["GPU"] = cfg.run.gpus_per_worker
-    trainer = TorchTrainer(
+    trainer = make_torch_trainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "encoder": asdict(encoder),
-                           "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "status_url": status_url},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-        ),
+        {"cfg": cfg.model_dump(mode="json"), "encoder": asdict(encoder), "tracking_uri": tracking_uri,
+         "mlflow_run_id": run_id, "status_url": status_url},
+        cfg.run, storage,
     )
     try:
         result = trainer.fit()
         error = None
     except Exception as err:
         result, error = None, err
-    status = {"status": "failed"}
-    if _fs_exists(status_url):
-        with fsspec.open(status_url, "r") as f:
-            status = json.load(f)
+    status = read_status(status_url) or {"status": "failed"}
     if error is not None or status["status"] != "completed":
         if run_id:
             _safe("end_run", end_run, tracking_uri, run_id, "FAILED", {STATUS_TAG: status["status"]})
         reason = status.get("message") or str(error)
         raise LinearEvalFailed(f"linear evaluation {cfg.run.name!r} failed ({status['status']}): {reason}")
 
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    if checkpoint and "://" not in storage and not checkpoint.startswith("/"):
-        checkpoint = "/" + checkpoint
-    if "://" in storage and checkpoint and "://" not in checkpoint:
-        checkpoint = storage.split("://", 1)[0] + "://" + checkpoint
+    checkpoint = checkpoint_url(result, storage)
     metrics = dict(result.metrics or {})
     if run_id:
         final = {"linear_top1_final": status["linear_top1"], "linear_top5_final": status["linear_top5"]}

@@ -7,7 +7,6 @@ per-epoch kNN monitor, report metrics (+ checkpoint) to Ray, rank 0 logs to MLfl
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -41,16 +39,21 @@ from ..tracking import (
 )
 from .common import (
     absolute_storage,
+    checkpoint_url,
     console,
     ddp_kwargs,
     extract_features,
+    fs_exists,
     init_ray,
     lr_at,
+    make_torch_trainer,
+    prepare_run_dir,
     quiet_ray_worker_logs,
+    read_status,
+    write_status,
 )
 
 log = logging.getLogger(__name__)
-STATUS_FILE = "mocoray_status.json"
 
 
 def build_moco(cfg: PretrainConfig, bn_mode: str) -> MoCo:
@@ -81,11 +84,6 @@ def _train_loader(cfg: PretrainConfig, dataset, rank: int, world: int) -> tuple[
         persistent_workers=cfg.data.loader_workers > 0,
     )
     return loader, sampler
-
-
-def _write_status(status_url: str, status: dict[str, Any]) -> None:
-    with fsspec.open(status_url, "w") as f:
-        json.dump(status, f)
 
 
 def _maybe_crash(cfg: PretrainConfig, epoch: int, rank: int) -> None:
@@ -227,7 +225,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # Every rank raises at the same step (the check is all-reduced). No checkpoint is written
             # from here on: the last good one stays the run's latest.
             if rank == 0:
-                _write_status(status_url, {"status": "nonfinite_loss", "epoch": epoch + 1, "step": global_step,
+                write_status(status_url, {"status": "nonfinite_loss", "epoch": epoch + 1, "step": global_step,
                                            "message": str(err)})
                 if logger:
                     logger.tags({STATUS_TAG: "nonfinite_loss"})
@@ -278,7 +276,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
     if rank == 0:
-        _write_status(status_url, {"status": "completed", "epoch": cfg.optim.epochs, "step": global_step})
+        write_status(status_url, {"status": "completed", "epoch": cfg.optim.epochs, "step": global_step})
 
 
 @dataclass
@@ -311,11 +309,6 @@ def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     return cfg
 
 
-def _fs_exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
-
-
 def run_pretrain(
     cfg: PretrainConfig,
     address: str | None = None,
@@ -330,25 +323,16 @@ def run_pretrain(
     (what a restarted Tune trial wants). `extra_tags` go on the MLflow run (sweeps add their parent
     link); `callbacks` go to the trainer's RunConfig (sweeps add Tune's report forwarding).
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     cfg = with_absolute_paths(cfg)
     check_paths(cfg.data)
     storage = absolute_storage(cfg.run.storage_path)
     run_dir = storage.rstrip("/") + "/" + cfg.run.name
-    status_url = run_dir + "/" + STATUS_FILE
     if resume == "auto":
-        resume = _fs_exists(run_dir)
-    if _fs_exists(run_dir) and not resume:
-        raise PretrainFailed(
-            f"run {cfg.run.name!r} already exists at {run_dir}; pass --resume to continue it, "
-            f"or --set run.name=<new name> for a new run"
-        )
-    if resume and not _fs_exists(run_dir):
-        raise PretrainFailed(f"--resume: no run {cfg.run.name!r} at {run_dir} to continue")
-    fs, path = fsspec.core.url_to_fs(run_dir)
-    fs.makedirs(path, exist_ok=True)
+        resume = fs_exists(run_dir)
+    try:
+        status_url = prepare_run_dir(run_dir, cfg.run.name, bool(resume))
+    except (FileExistsError, FileNotFoundError) as err:
+        raise PretrainFailed(str(err)) from None
 
     tracking_uri = run_id = None
     if cfg.tracking.enabled:
@@ -363,22 +347,11 @@ def run_pretrain(
             tracking_uri = run_id = None
 
     init_ray(address)
-    resources = {"CPU": cfg.run.cpus_per_worker}
-    if cfg.run.use_gpu:
-        resources["GPU"] = cfg.run.gpus_per_worker
-    trainer = TorchTrainer(
+    trainer = make_torch_trainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri,
-                           "mlflow_run_id": run_id, "status_url": status_url, "resume_from": resume_from},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            callbacks=callbacks,
-        ),
+        {"cfg": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
+         "status_url": status_url, "resume_from": resume_from},
+        cfg.run, storage, callbacks,
     )
     try:
         result = trainer.fit()
@@ -387,15 +360,8 @@ def run_pretrain(
             _safe_end(tracking_uri, run_id, "FAILED", {STATUS_TAG: "failed"})
         raise PretrainFailed(f"pretraining run {cfg.run.name!r} failed: {err}") from err
 
-    status = {"status": "unknown"}
-    if _fs_exists(status_url):
-        with fsspec.open(status_url, "r") as f:
-            status = json.load(f)
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    if checkpoint and "://" not in storage and not checkpoint.startswith("/"):
-        checkpoint = "/" + checkpoint
-    if "://" in storage and checkpoint and "://" not in checkpoint:
-        checkpoint = storage.split("://", 1)[0] + "://" + checkpoint
+    status = read_status(status_url) or {"status": "unknown"}
+    checkpoint = checkpoint_url(result, storage)
     backbone_path = None
     if checkpoint and status["status"] == "completed":
         backbone_path = run_dir + "/backbone.pt"
