@@ -217,6 +217,34 @@ def test_cached_features_match_the_center_crop_protocol(digits_pretrain):
     assert center.metrics["linear_top1"] > 0.18
 
 
+def test_resumed_linear_eval_continues_exactly_in_the_same_mlflow_run(digits_pretrain):
+    pre, uri, tmp = digits_pretrain["result"], digits_pretrain["uri"], digits_pretrain["tmp"]
+    # the lr drops after epoch 2, so the resumed epoch 3 only matches with the optimizer state restored
+    protocol = {"optim.milestones": "[2]", "optim.lr": 0.03, "data.max_images": 512, "linear.mode": "cached",
+                "linear.eval_every": 1, "run.checkpoint_every": 1, "run.num_workers": 1}
+
+    def cfg(name: str, epochs: int):
+        return load_linear_config(DIGITS_LINEAR, _linear_overrides(tmp, name, uri, **protocol, **{"optim.epochs": epochs}),
+                                  {"encoder.checkpoint": pre.checkpoint})
+
+    straight = run_linear_eval(cfg("lin-straight", 3))
+    first = run_linear_eval(cfg("lin-stopped", 2))
+    with pytest.raises(LinearEvalFailed, match="already exists.*--resume"):
+        run_linear_eval(cfg("lin-stopped", 3))
+    resumed = run_linear_eval(cfg("lin-stopped", 3), resume=True)
+
+    assert resumed.metrics["epoch"] == 3
+    a = torch.load(f"{straight.checkpoint}/model.pt", weights_only=True)
+    b = torch.load(f"{resumed.checkpoint}/model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    assert resumed.metrics["linear_top1"] == pytest.approx(straight.metrics["linear_top1"], abs=1e-6)
+    assert resumed.mlflow_run_id == first.mlflow_run_id
+    history = mlflow.MlflowClient(uri).get_metric_history(resumed.mlflow_run_id, "linear_top1")
+    assert [m.step for m in history] == [1, 2, 3]  # epochs 1-2 from the first attempt, 3 from the resume
+
+
 def test_unfrozen_backbone_fails_the_run_loudly(digits_pretrain):
     pre, uri, tmp = digits_pretrain["result"], digits_pretrain["uri"], digits_pretrain["tmp"]
     protocol = {"data.max_images": 128, "optim.epochs": 1, "linear.mode": "augmented", "debug.unfreeze_backbone": True}

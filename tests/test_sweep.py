@@ -107,6 +107,24 @@ def test_resume_of_a_folder_without_a_sweep_says_what_to_pass(tmp_path, capsys):
     assert "is not a sweep folder (no sweep.yaml)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"run.num_workers": "1"}, 2),  # 1 driver + 1 worker = 2 CPUs: two trials on the 4-CPU test cluster
+        ({"run.num_workers": "2"}, 1),  # 1 + 2: one trial
+        # a searched worker count counts at its largest: 1 + 2 CPUs, one trial (not two)
+        ({"run.num_workers": "1", "space.run.num_workers": "{choice: [1, 2]}"}, 1),
+    ],
+)
+def test_concurrency_fits_the_largest_trial_into_the_cluster(ray_session, tmp_path, extra, expected):
+    from mocoray.jobs.sweep import _concurrency
+    from mocoray.sweep_config import trial_base
+
+    one_cpu_each = {"resources.trial_cpus": "1", "resources.cpus_per_worker": "1", "max_concurrent_trials": "null"}
+    sweep = load_sweep_config(TINY, tiny_overrides(tmp_path, "fit", **one_cpu_each, **extra))
+    assert _concurrency(sweep, trial_base(sweep)) == expected
+
+
 def test_shipped_sweep_recipes_validate():
     cifar = load_sweep_config(EXPERIMENTS / "sweep_k_m_tau_cifar10.yaml")
     assert cifar.space["moco.queue_size"].values == [1024, 4096, 16384, 65536]

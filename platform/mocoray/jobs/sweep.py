@@ -155,16 +155,29 @@ def _build_scheduler(sweep: SweepConfig):
                          reduction_factor=s.reduction_factor, stop_last_trials=False)
 
 
+def _space_values(sweep: SweepConfig, field: str) -> list[Any]:
+    """Grid/choice values or the two range ends of a searched field; [] when it is not searched."""
+    spec = sweep.space.get(field)
+    return spec.values if spec is not None else []
+
+
+def _largest(sweep: SweepConfig, field: str, base_value: float) -> float:
+    return max([base_value, *_space_values(sweep, field)])
+
+
 def _concurrency(sweep: SweepConfig, base: PretrainConfig) -> int:
     """Trials at once: what the user asked for, else as many as the cluster fits (driver + workers each).
 
     Tune only reserves each trial's driver; the workers' placement group comes later from Ray Train.
-    Letting Tune start more trials than fit would park every trial's workers forever. Sized by the
-    base recipe's workers (a searched run.num_workers is not accounted for).
+    Letting Tune start more trials than fit would park every trial's workers forever. A searched
+    run.num_workers / cpus_per_worker / gpus_per_worker counts at its largest value, so the biggest
+    trial fits alongside the others.
     """
     run = base.run
-    per_cpu = sweep.resources.trial_cpus + run.num_workers * run.cpus_per_worker
-    per_gpu = run.num_workers * run.gpus_per_worker if run.use_gpu else 0.0
+    workers = _largest(sweep, "run.num_workers", run.num_workers)
+    per_cpu = sweep.resources.trial_cpus + workers * _largest(sweep, "run.cpus_per_worker", run.cpus_per_worker)
+    uses_gpu = run.use_gpu or any(bool(v) for v in _space_values(sweep, "run.use_gpu"))
+    per_gpu = workers * _largest(sweep, "run.gpus_per_worker", run.gpus_per_worker) if uses_gpu else 0.0
     total = ray.cluster_resources()
     fits = math.floor(total.get("CPU", 0.0) / per_cpu + 1e-9)
     if per_gpu:
