@@ -7,8 +7,8 @@ experiment's `knn.every: 1`; the epochs then take ~3x longer) and a checkpoint e
 tracking off.
 
 * plain: a separate Python process (spawned, no Ray in it) running the worker's loop built from the
-  job's own pieces (`build_moco`, `_train_loader`, `BatchAugment`, `core.moco.train_step`, `lr_at`,
-  `extract_features` + `knn_top1`, `save_training_checkpoint` into a local folder).
+  job's own pieces (`build_moco`, `train_loader`, `train_one_epoch`, `evaluate_knn`,
+  `save_training_checkpoint` into a local folder).
 * ray: `jobs.pretrain.run_pretrain` on a local Ray started here (`ray.init(num_cpus=2)`), 1 worker,
   its unmodified `train_loop_per_worker`; the benchmark only wraps `ray.train.report` in the worker to
   stamp times and to pause there.
@@ -143,12 +143,10 @@ def plain_process(cfg_dict: dict, gate: str, ckpt_root: str, t_spawn: float) -> 
     """The worker's loop without Ray (rank 0 of 1), taking turns with the Ray worker epoch by epoch."""
     from mocoray.checkpoints import save_training_checkpoint
     from mocoray.core.augment import BatchAugment, moco_spec
-    from mocoray.core.knn import knn_top1
-    from mocoray.core.moco import train_step
     from mocoray.core.shuffle_bn import resolve_bn_mode
     from mocoray.data import build_pretrain_data
-    from mocoray.jobs.common import extract_features, lr_at
-    from mocoray.jobs.pretrain import _train_loader, build_moco
+    from mocoray.jobs.faults import Faults
+    from mocoray.jobs.pretrain import TrainState, build_moco, evaluate_knn, train_loader, train_one_epoch
 
     cfg = PretrainConfig.model_validate(cfg_dict)
     torch.set_num_threads(cfg.run.torch_threads or 1)
@@ -157,46 +155,31 @@ def plain_process(cfg_dict: dict, gate: str, ckpt_root: str, t_spawn: float) -> 
     bn_mode = resolve_bn_mode(cfg.moco.bn_mode, 1, "cpu")
     torch.manual_seed(cfg.run.seed)
     model = build_moco(cfg, bn_mode)
-    lr = cfg.optim.effective_lr
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=lr, momentum=cfg.optim.sgd_momentum,
-                                weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.optim.effective_lr,
+                                momentum=cfg.optim.sgd_momentum, weight_decay=cfg.optim.weight_decay)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     torch.manual_seed(cfg.run.seed * 1000 + 1)
-    loader, sampler = _train_loader(cfg, data.train, 0, 1)
-    steps = len(loader)
+    loader, sampler = train_loader(cfg, data.train, 0, 1)
     augment = BatchAugment(moco_spec(cfg.moco.version, cfg.data.image_size, cfg.data.blur,
                                      (cfg.data.crop_min_scale, 1.0)))
+    state, backbone = TrainState(), model.encoder_q.backbone
 
-    def knn_eval() -> float:
-        kw = dict(device=device, image_size=cfg.data.image_size)
-        bank_f, bank_y = extract_features(model.encoder_q.backbone, data.knn_bank, **kw)
-        val_f, val_y = extract_features(model.encoder_q.backbone, data.knn_val, **kw)
-        return knn_top1(bank_f, bank_y, val_f, val_y, cfg.knn.k, cfg.knn.temperature)
-
-    knn_eval()
+    evaluate_knn(backbone, data, cfg, device, False)
     write_json(f"{gate}/plain_ready.json", {"startup_s": time.time() - t_spawn})
     for epoch in range(cfg.optim.epochs):
         wait_json(f"{gate}/ray_{epoch + 1}.json")
         t0, c0 = time.time(), time.process_time()
         sampler.set_epoch(epoch)
-        model.train()
-        te = time.perf_counter()
-        loss_sum = 0.0
-        for i, (x, _labels, _skipped) in enumerate(loader):
-            cur_lr = lr_at(epoch + i / steps, lr, cfg.optim.epochs, cfg.optim.schedule, cfg.optim.warmup_epochs,
-                           cfg.optim.milestones, cfg.optim.gamma)
-            for group in optimizer.param_groups:
-                group["lr"] = cur_lr
-            im_q, im_k = augment.two_views(x)
-            loss_sum += train_step(model, im_q, im_k, optimizer, scaler, None, cfg.optim.clip_grad_norm).loss
-        pairs_per_s = steps * cfg.optim.batch_size / (time.perf_counter() - te)
+        stats = train_one_epoch(model, loader, optimizer, scaler, augment, cfg, epoch, state, device, False, 0,
+                                Faults())
         if (epoch + 1) % cfg.knn.every == 0 or epoch + 1 == cfg.optim.epochs:
-            knn_eval()
+            evaluate_knn(backbone, data, cfg, device, False)
         save_training_checkpoint(Path(ckpt_root) / f"epoch_{epoch + 1:04d}", rank=0, model_state=model.state_dict(),
                                  optimizer_state=optimizer.state_dict(), scaler_state=scaler.state_dict(),
-                                 train_state={"epoch": epoch + 1}, meta={"metrics": {"loss": loss_sum / steps}})
-        write_json(f"{gate}/plain_{epoch + 1}.json", {"t_start": t0, "t_end": time.time(),
-                                                       "cpu": time.process_time() - c0, "pairs_per_s": pairs_per_s})
+                                 train_state={"epoch": epoch + 1}, meta={"metrics": {"loss": stats.loss}})
+        write_json(f"{gate}/plain_{epoch + 1}.json", {
+            "t_start": t0, "t_end": time.time(), "cpu": time.process_time() - c0,
+            "pairs_per_s": stats.steps * cfg.optim.batch_size / stats.train_time_s})
 
 
 def main(argv: list[str] | None = None) -> dict:

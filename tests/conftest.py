@@ -38,7 +38,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        from mocoray.jobs.common import local_cluster_env
+        from mocoray.jobs.runtime import local_cluster_env
 
         port = free_port()  # pinned, so Ray's processes know their own API server (see local_cluster_env)
         with local_cluster_env(port):

@@ -12,10 +12,9 @@ from PIL import Image
 from conftest import EXPERIMENTS, tiny_pretrain_overrides
 from mocoray.cli import main
 from mocoray.compare import CompareError, compare_table, render, save_plot
-from mocoray.config import load_config
+from mocoray.config import load_config, load_linear_config
 from mocoray.jobs.linear import run_linear_eval
 from mocoray.jobs.pretrain import run_pretrain
-from mocoray.linear_config import load_linear_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import EXPERIMENTS
 from mocoray.config import ConfigError, PretrainConfig, flatten, load_config
@@ -67,3 +68,13 @@ def test_cli_help_and_bad_config_exit_codes():
     bad = subprocess.run([sys.executable, "-m", "mocoray.cli", "pretrain", "--set", "moco.momentum=1.5"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "moco.momentum=1.5" in bad.stderr
+
+
+def test_pretrain_without_a_recipe_runs_the_embedded_cpu_demo_and_shows_no_test_hooks():
+    out = subprocess.run([sys.executable, "-m", "mocoray.cli", "pretrain", "--print-config"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    shown = PretrainConfig.model_validate(yaml.safe_load(out.stdout))
+    assert shown == load_config(EXPERIMENTS / "digits_moco_v2.yaml")
+    assert shown.model.arch == "small_resnet" and shown.run.num_workers == 2
+    assert "debug" not in out.stdout  # fault injection is a test-only Python argument, not a config field

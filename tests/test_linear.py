@@ -12,20 +12,19 @@ from torch import nn
 
 from conftest import EXPERIMENTS
 from mocoray.cli import main
-from mocoray.config import ConfigError, load_config
+from mocoray.config import ConfigError, load_config, load_linear_config
 from mocoray.core.backbones import build_backbone
+from mocoray.encoders import EncoderSource, resolve_encoder
+from mocoray.jobs.faults import Faults
 from mocoray.jobs.linear import (
     BackboneChangedError,
-    EncoderSource,
     LinearEvalFailed,
     assert_backbone_unchanged,
     backbone_snapshot,
     build_frozen_backbone,
-    resolve_encoder,
     run_linear_eval,
 )
 from mocoray.jobs.pretrain import run_pretrain
-from mocoray.linear_config import load_linear_config
 
 DIGITS_LINEAR = EXPERIMENTS / "linear_digits.yaml"
 
@@ -110,13 +109,16 @@ def test_config_names_what_is_wrong():
     with pytest.raises(ConfigError, match="exactly one encoder source"):
         load_linear_config(DIGITS_LINEAR)
     with pytest.raises(ConfigError, match="exactly one encoder source.*pretrain_run, encoder.checkpoint"):
-        load_linear_config(DIGITS_LINEAR, fixed={"encoder.pretrain_run": "abc", "encoder.checkpoint": "x.pt"})
+        load_linear_config(DIGITS_LINEAR, cli_values={"encoder.pretrain_run": "abc", "encoder.checkpoint": "x.pt"})
     with pytest.raises(ConfigError, match="random_init=true needs encoder.arch"):
-        load_linear_config(DIGITS_LINEAR, fixed={"encoder.random_init": True})
-    with pytest.raises(ConfigError, match="data.crop_min_scale is a pretraining .*linear.crop_min_scale"):
+        load_linear_config(DIGITS_LINEAR, cli_values={"encoder.random_init": True})
+    with pytest.raises(ConfigError, match=r"data.crop_min_scale: unknown field \(a pretraining .*linear.crop_min_scale"):
         load_linear_config(DIGITS_LINEAR, ["data.crop_min_scale=0.5"], {"encoder.checkpoint": "x.pt"})
-    with pytest.raises(ConfigError, match="debug.unfreeze_backbone needs linear.mode augmented or center"):
+    with pytest.raises(ConfigError, match="debug: unknown field"):  # fault injection is not a config field
         load_linear_config(DIGITS_LINEAR, ["debug.unfreeze_backbone=true"], {"encoder.checkpoint": "x.pt"})
+    with pytest.raises(ValueError, match="unfreeze_backbone needs linear.mode augmented or center"):
+        run_linear_eval(load_linear_config(DIGITS_LINEAR, cli_values={"encoder.checkpoint": "x.pt"}),
+                        faults=Faults(unfreeze_backbone=True))
     # a run id made of digits stays an id; the paper's protocol is the default
     cfg = load_linear_config(None, ["encoder.pretrain_run=1234"])
     assert cfg.encoder.pretrain_run == "1234" and cfg.run.name == "linear"
@@ -125,21 +127,28 @@ def test_config_names_what_is_wrong():
     type(cfg).model_validate(cfg.model_dump(mode="json"))
 
 
-def test_bare_file_needs_an_arch_and_a_checkpoint_dir_knows_its_own(tmp_path, digits_pretrain):
-    path = tmp_path / "r18.pth.tar"
-    _official_moco_checkpoint(path, _trained_resnet18())
-    off = {"tracking.enabled": False}
+def _resolve(**values):
+    cfg = load_linear_config(DIGITS_LINEAR, cli_values={**values, "tracking.enabled": False})
+    return resolve_encoder(cfg.encoder, cfg.tracking)
+
+
+def test_bare_file_needs_an_arch_and_checkpoints_that_know_their_own_need_none(tmp_path, digits_pretrain):
+    bare = tmp_path / "backbone.pt"
+    torch.save(_trained_resnet18().state_dict(), bare)
     with pytest.raises(ValueError, match="encoder.arch is required"):
-        resolve_encoder(load_linear_config(DIGITS_LINEAR, fixed={"encoder.checkpoint": str(path), **off}))
-    enc = resolve_encoder(load_linear_config(DIGITS_LINEAR, fixed={"encoder.checkpoint": str(path),
-                                                                   "encoder.arch": "resnet18", **off}))
+        _resolve(**{"encoder.checkpoint": str(bare)})
+    enc = _resolve(**{"encoder.checkpoint": str(bare), "encoder.arch": "resnet18"})
     assert (enc.arch, enc.cifar_stem, enc.pretrain_run_id) == ("resnet18", False, None)
-    ckpt = digits_pretrain["result"].checkpoint
-    enc = resolve_encoder(load_linear_config(DIGITS_LINEAR, fixed={"encoder.checkpoint": ckpt, **off}))
-    assert enc.arch == "small_resnet"
+    # an official MoCo checkpoint carries its own `arch` entry
+    official = tmp_path / "r18.pth.tar"
+    _official_moco_checkpoint(official, _trained_resnet18())
+    assert _resolve(**{"encoder.checkpoint": str(official)}).arch == "resnet18"
     with pytest.raises(ValueError, match="contradict"):
-        resolve_encoder(load_linear_config(DIGITS_LINEAR, fixed={"encoder.checkpoint": ckpt,
-                                                                 "encoder.arch": "resnet18", **off}))
+        _resolve(**{"encoder.checkpoint": str(official), "encoder.arch": "resnet50"})
+    ckpt = digits_pretrain["result"].checkpoint
+    assert _resolve(**{"encoder.checkpoint": ckpt}).arch == "small_resnet"
+    with pytest.raises(ValueError, match="contradict"):
+        _resolve(**{"encoder.checkpoint": ckpt, "encoder.arch": "resnet18"})
 
 
 # ------------------------------------------------------------------------------------ Ray Train runs
@@ -247,11 +256,11 @@ def test_resumed_linear_eval_continues_exactly_in_the_same_mlflow_run(digits_pre
 
 def test_unfrozen_backbone_fails_the_run_loudly(digits_pretrain):
     pre, uri, tmp = digits_pretrain["result"], digits_pretrain["uri"], digits_pretrain["tmp"]
-    protocol = {"data.max_images": 128, "optim.epochs": 1, "linear.mode": "augmented", "debug.unfreeze_backbone": True}
+    protocol = {"data.max_images": 128, "optim.epochs": 1, "linear.mode": "augmented"}
     cfg = load_linear_config(DIGITS_LINEAR, _linear_overrides(tmp, "lin-unfrozen", uri, **protocol),
                              {"encoder.pretrain_run": pre.mlflow_run_id})
     with pytest.raises(LinearEvalFailed, match="backbone_changed.*frozen backbone changed"):
-        run_linear_eval(cfg)
+        run_linear_eval(cfg, faults=Faults(unfreeze_backbone=True))
     c = mlflow.MlflowClient(uri)
     failed = c.search_runs([c.get_experiment_by_name("digits-linear-test").experiment_id],
                            "tags.`mocoray.run_dir` LIKE '%lin-unfrozen'")[0]

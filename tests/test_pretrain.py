@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 
 from conftest import EXPERIMENTS, tiny_pretrain_overrides
-from mocoray.checkpoints import load_backbone_state_dict, read_meta
+from mocoray.checkpoints import read_meta
 from mocoray.config import load_config
 from mocoray.core.backbones import build_backbone
 from mocoray.data import DatasetNotFoundError
+from mocoray.encoders import backbone_state_dict
+from mocoray.jobs.faults import Faults
 from mocoray.jobs.pretrain import PretrainFailed, run_pretrain
 
 
@@ -45,7 +47,7 @@ def test_two_worker_run_checkpoints_reports_and_logs_to_mlflow(ray_session, tmp_
     assert meta["bn_mode_effective"] == "shuffle" and meta["world_size"] == 2
     # the exported backbone is a plain state_dict of the same architecture
     net, _ = build_backbone("small_resnet")
-    net.load_state_dict(load_backbone_state_dict(res.backbone_path))
+    net.load_state_dict(backbone_state_dict(res.backbone_path))
 
     client = _client(tmp_path)
     run = client.get_run(res.mlflow_run_id)
@@ -105,9 +107,8 @@ def test_resumed_run_continues_exactly(ray_session, tmp_path):
 def test_worker_killed_mid_run_recovers_without_missing_or_repeated_epochs(ray_session, tmp_path):
     marker = tmp_path / "crashed.txt"
     cfg = load_config(None, tiny_pretrain_overrides(tmp_path, "crash", **{
-        "run.num_workers": 2, "run.cpus_per_worker": 0.5, "optim.epochs": 3, "run.max_failures": 1,
-        "debug.crash_at_epoch": 1, "debug.crash_rank": 1, "debug.crash_marker": str(marker)}))
-    res = run_pretrain(cfg)
+        "run.num_workers": 2, "run.cpus_per_worker": 0.5, "optim.epochs": 3, "run.max_failures": 1}))
+    res = run_pretrain(cfg, faults=Faults(crash_at_epoch=1, crash_rank=1, crash_marker=str(marker)))
     assert marker.exists(), "the injected failure did not happen"
     assert res.status == "completed" and res.metrics["epoch"] == 3
     client = _client(tmp_path)
@@ -117,9 +118,9 @@ def test_worker_killed_mid_run_recovers_without_missing_or_repeated_epochs(ray_s
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_session, tmp_path):
     # 128 images / batch 32 = 4 steps per epoch; step 5 is in epoch 2
-    cfg = load_config(None, tiny_pretrain_overrides(tmp_path, "nan", **{"optim.epochs": 3, "debug.nan_at_step": 5}))
+    cfg = load_config(None, tiny_pretrain_overrides(tmp_path, "nan", **{"optim.epochs": 3}))
     with pytest.raises(PretrainFailed, match="non-finite loss at epoch 2") as err:
-        run_pretrain(cfg)
+        run_pretrain(cfg, faults=Faults(nan_at_step=5))
     res = err.value.result
     assert res is not None and Path(res.checkpoint).name == "epoch_0001"
     good = torch.load(Path(res.checkpoint) / "model.pt", weights_only=True)

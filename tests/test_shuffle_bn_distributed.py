@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from mocoray.core.moco import Encoder, MoCo, train_step
 from mocoray.core.shuffle_bn import shuffle_batch, unshuffle_batch
-from mocoray.jobs.common import ddp_kwargs
+from mocoray.jobs.runtime import ddp_kwargs
 
 B = 8  # per-rank batch
 

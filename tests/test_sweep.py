@@ -16,9 +16,9 @@ from PIL import Image
 
 from conftest import EXPERIMENTS, REPO
 from mocoray.cli import main
-from mocoray.config import ConfigError, build, load_config
-from mocoray.jobs.sweep import linear_eval_best, run_sweep, trial_run_name, tune_space
-from mocoray.sweep_config import SweepConfig, load_sweep_config
+from mocoray.config import ConfigError, SweepConfig, build, load_config, load_sweep_config
+from mocoray.jobs.linear import linear_eval_best
+from mocoray.jobs.sweep import run_sweep, trial_run_name, tune_space
 from mocoray.tracking import JOB_TAG, STATUS_TAG, SWEEP_RUN_TAG
 
 TINY = EXPERIMENTS / "sweep_digits_tiny.yaml"
@@ -117,12 +117,12 @@ def test_resume_of_a_folder_without_a_sweep_says_what_to_pass(tmp_path, capsys):
     ],
 )
 def test_concurrency_fits_the_largest_trial_into_the_cluster(ray_session, tmp_path, extra, expected):
-    from mocoray.jobs.sweep import _concurrency
-    from mocoray.sweep_config import trial_base
+    from mocoray.config.sweep import trial_base
+    from mocoray.jobs.sweep import concurrency
 
     one_cpu_each = {"resources.trial_cpus": "1", "resources.cpus_per_worker": "1", "max_concurrent_trials": "null"}
     sweep = load_sweep_config(TINY, tiny_overrides(tmp_path, "fit", **one_cpu_each, **extra))
-    assert _concurrency(sweep, trial_base(sweep)) == expected
+    assert concurrency(sweep, trial_base(sweep)) == expected
 
 
 def test_shipped_sweep_recipes_validate():

@@ -5,14 +5,15 @@ A training checkpoint is a directory of tensors-only files (each loads with
 
     model.pt        MoCo state_dict: encoder_q.*, encoder_k.*, queue.keys, queue.ptr
     optimizer.pt    optimizer state_dict          scaler.pt      GradScaler state_dict
-    train_state.pt  {"epoch", "global_step", "knn_top1_init", "knn_top1_best"}
+    train_state.pt  the loop's own state ({"epoch", "global_step", "knn_top1_init", "knn_top1_last"} for
+                    pretraining)
     rng_rank{r}.pt  every worker's RNG states (torch, CUDA, numpy, python)
     meta.json       config, versions, metrics (for people and tools, not needed to resume)
 
-Backbone sources understood by `load_backbone_state_dict`: such a checkpoint directory, a file
-written by `export_backbone` (a plain torchvision-style state_dict), a checkpoint of the official
-MoCo code (`{"state_dict": {"module.encoder_q.<backbone>...": ...}}`), and a bare torchvision
-state_dict. Paths may be local or any fsspec URL.
+Layouts `backbone_from_state` understands: such a checkpoint's model.pt, an exported backbone (a plain
+torchvision-style state_dict), a checkpoint of the official MoCo code (`{"state_dict":
+{"module.encoder_q.<backbone>...": ...}, "arch": ...}`), and a bare torchvision state_dict. Paths may be
+local or any fsspec URL.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
+
+from . import storage
 
 MODEL_FILE = "model.pt"
 BACKBONE_PREFIX = "encoder_q.backbone."
@@ -33,8 +35,7 @@ BACKBONE_PREFIX = "encoder_q.backbone."
 
 def _load(path: str) -> Any:
     """torch.load through fsspec, refusing anything but tensors and plain containers."""
-    with fsspec.open(path, "rb") as f:
-        buffer = io.BytesIO(f.read())
+    buffer = io.BytesIO(storage.read_bytes(path))
     try:
         return torch.load(buffer, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle.UnpicklingError and friends, with torch's explanation
@@ -44,8 +45,9 @@ def _load(path: str) -> Any:
         ) from None
 
 
-def _join(directory: str, name: str) -> str:
-    return directory.rstrip("/") + "/" + name
+def load_checkpoint_file(source: str) -> Any:
+    """The model state of a checkpoint directory (its model.pt), or the contents of a checkpoint file."""
+    return _load(storage.join(source, MODEL_FILE) if storage.is_dir(source) else source)
 
 
 def rng_state() -> dict[str, Any]:
@@ -98,21 +100,19 @@ def save_training_checkpoint(
 def load_training_checkpoint(directory: str | Path, rank: int) -> dict[str, Any]:
     d = str(directory)
     out = {
-        "model": _load(_join(d, MODEL_FILE)),
-        "optimizer": _load(_join(d, "optimizer.pt")),
-        "scaler": _load(_join(d, "scaler.pt")),
-        "train_state": _load(_join(d, "train_state.pt")),
+        "model": _load(storage.join(d, MODEL_FILE)),
+        "optimizer": _load(storage.join(d, "optimizer.pt")),
+        "scaler": _load(storage.join(d, "scaler.pt")),
+        "train_state": _load(storage.join(d, "train_state.pt")),
         "rng": None,
     }
-    fs, path = fsspec.core.url_to_fs(_join(d, f"rng_rank{rank}.pt"))
-    if fs.exists(path):  # absent when resuming with more workers than the run had
-        out["rng"] = _load(_join(d, f"rng_rank{rank}.pt"))
+    if storage.exists(storage.join(d, f"rng_rank{rank}.pt")):  # absent when resuming with more workers
+        out["rng"] = _load(storage.join(d, f"rng_rank{rank}.pt"))
     return out
 
 
 def read_meta(directory: str) -> dict[str, Any]:
-    with fsspec.open(_join(directory, "meta.json"), "r") as f:
-        return json.load(f)
+    return storage.read_json(storage.join(directory, "meta.json"))
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -131,31 +131,3 @@ def backbone_from_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
         picked = dict(state)  # already a bare backbone state_dict
     # The official code keeps its projection head in fc (fc.0 / fc.2 for the v2 MLP): not backbone.
     return {k: v for k, v in picked.items() if not k.startswith("fc.") and isinstance(v, torch.Tensor)}
-
-
-def load_backbone_state_dict(source: str) -> dict[str, torch.Tensor]:
-    """Backbone weights from a checkpoint directory, an exported file, or an official MoCo file."""
-    fs, path = fsspec.core.url_to_fs(source)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {source}")
-    state = _load(_join(source, MODEL_FILE)) if fs.isdir(path) else _load(source)
-    if not isinstance(state, dict):
-        raise ValueError(f"{source}: expected a state_dict, found {type(state).__name__}")
-    picked = backbone_from_state(state)
-    if not picked:
-        raise ValueError(f"{source}: no backbone weights found (keys start with {sorted(state)[:3]})")
-    return picked
-
-
-def export_backbone(checkpoint_dir: str, out_path: str) -> dict[str, torch.Tensor]:
-    """Write the query encoder's backbone as a plain state_dict (torchvision key names for ResNets)."""
-    state = load_backbone_state_dict(checkpoint_dir)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    fs, path = fsspec.core.url_to_fs(out_path)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(buffer.getvalue())
-    return state

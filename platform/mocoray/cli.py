@@ -1,4 +1,4 @@
-"""The `mocoray` command: pretrain, export, linear-eval, compare, sweep, make-parquet."""
+"""The `mocoray` command: pretrain, linear-eval, compare, sweep, export, submit, make-parquet."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .config import ConfigError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", nargs="?", help="YAML recipe (experiments/*.yaml); omitted = embedded defaults")
+    p.add_argument("recipe", nargs="?", help="YAML recipe (experiments/*.yaml); omitted: the embedded CPU demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set moco.queue_size=4096 (repeatable)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
@@ -18,14 +18,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .config.pretrain import DEFAULT_RECIPE
     from .jobs.pretrain import PretrainFailed, run_pretrain
 
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_config(args.recipe or DEFAULT_RECIPE, args.overrides)
     if args.print_config:
-        from .config import dump_yaml
-
-        print(dump_yaml(cfg), end="")
-        return 0
+        return _print_config(cfg)
     try:
         res = run_pretrain(cfg, address=args.address, resume=args.resume, resume_from=args.resume_from)
     except PretrainFailed as err:
@@ -43,17 +41,24 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_config(cfg) -> int:
+    from .config import dump_yaml
+
+    print(dump_yaml(cfg), end="")
+    return 0
+
+
 def _chain_linear_eval(args: argparse.Namespace, res) -> int:
     """`pretrain --then-linear-eval RECIPE`: evaluate the run that just finished, in its MLflow experiment."""
-    from .linear_config import load_linear_config
+    from .config import load_linear_config
 
-    storage, name = res.run_dir.rstrip("/").rsplit("/", 1)  # the linear run goes next to its pretraining run
-    fixed = {"run.name": name + "-linear", "run.storage_path": storage}
+    storage_path, name = res.run_dir.rstrip("/").rsplit("/", 1)  # the linear run goes next to its pretraining run
+    values = {"run.name": name + "-linear", "run.storage_path": storage_path}
     if res.mlflow_run_id:
-        fixed.update({"encoder.pretrain_run": res.mlflow_run_id, "tracking.tracking_uri": res.tracking_uri})
+        values.update({"encoder.pretrain_run": res.mlflow_run_id, "tracking.tracking_uri": res.tracking_uri})
     else:
-        fixed.update({"encoder.checkpoint": res.checkpoint, "tracking.enabled": False})
-    cfg = load_linear_config(args.then_linear_eval, args.linear_overrides, fixed)
+        values.update({"encoder.checkpoint": res.checkpoint, "tracking.enabled": False})
+    cfg = load_linear_config(args.then_linear_eval, args.linear_overrides, values)
     return _linear_eval(cfg, args.address)
 
 
@@ -80,16 +85,13 @@ def _linear_eval(cfg, address: str | None, resume: bool = False) -> int:
 
 
 def _cmd_linear_eval(args: argparse.Namespace) -> int:
-    from .linear_config import load_linear_config
+    from .config import load_linear_config
 
     flags = {"encoder.pretrain_run": args.pretrain_run, "encoder.checkpoint": args.checkpoint,
              "encoder.random_init": args.random_init or None, "encoder.arch": args.arch}
     cfg = load_linear_config(args.recipe, args.overrides, {k: v for k, v in flags.items() if v is not None})
     if args.print_config:
-        from .config import dump_yaml
-
-        print(dump_yaml(cfg), end="")
-        return 0
+        return _print_config(cfg)
     return _linear_eval(cfg, args.address, args.resume)
 
 
@@ -111,8 +113,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .jobs.sweep import SweepFailed, linear_eval_best, load_sweep_dir, run_sweep
-    from .sweep_config import load_sweep_config
+    from .config import load_sweep_config
+    from .config.sweep import dump_sweep
+    from .jobs.linear import linear_eval_best
+    from .jobs.sweep import SweepFailed, load_sweep_dir, run_sweep
 
     if args.then_linear_eval and not args.linear_recipe:
         raise ConfigError("--then-linear-eval N needs --linear-recipe RECIPE (e.g. experiments/linear_digits.yaml)")
@@ -126,8 +130,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         else:
             raise ConfigError("give a sweep recipe (experiments/sweep_*.yaml) or --resume <sweep folder>")
         if args.print_config:
-            from .sweep_config import dump_sweep
-
             print(dump_sweep(sweep), end="")
             return 0
         res = run_sweep(sweep, address=args.address, resume=bool(args.resume), retry_errored=args.retry_errored)
@@ -144,7 +146,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoints import export_backbone
+    from .encoders import export_backbone
 
     state = export_backbone(args.checkpoint, args.out)
     print(f"wrote {len(state)} backbone tensors to {args.out}")
@@ -293,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # the jobs are written for Ray Train V2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

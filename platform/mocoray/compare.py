@@ -7,12 +7,12 @@ follows the lineage tags: a linear or detection run names its pretraining run in
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .table import FORMATS, render_table
 from .tracking import JOB_TAG, PRETRAIN_RUN_TAG, client, resolve_tracking_uri
 
 
@@ -168,40 +168,18 @@ def compare_table(
     return CompareTable([col.name for col in COLUMNS], rows)
 
 
-def _cell(value: Any, col: Column, exact: bool) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float) and col.is_metric and not exact:
-        return f"{value:.4f}"
-    return str(value)
-
-
 def render(table: CompareTable, fmt: str = "plain") -> str:
     """The table as 'plain' (aligned text), 'csv' (exact values) or 'markdown'."""
-    cols = [column(name) for name in table.columns]
-    cells = [[_cell(row.get(col.name), col, exact=fmt == "csv") for col in cols] for row in table.rows]
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(table.columns)
-        writer.writerows(cells)
-        return buf.getvalue()
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(table.columns) + " |", "|" + "|".join("---" for _ in table.columns) + "|"]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
-        return "\n".join(lines) + "\n"
-    if fmt != "plain":
-        raise CompareError(f"unknown format {fmt!r}; one of plain, csv, markdown")
-    if not table.rows:
+    if fmt not in FORMATS:
+        raise CompareError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+    if fmt == "plain" and not table.rows:
         return "no pretraining runs (tag mocoray.job=pretrain) matched\n"
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(table.columns)]
-    numeric = [col.is_metric or all(isinstance(r.get(col.name), (int, float, type(None))) for r in table.rows)
-               for col in cols]
+    metrics = {c.name for c in COLUMNS if c.is_metric}
 
-    def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True))
+    def cell(name: str, value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) and name in metrics else str(value)
 
-    return "\n".join([line(table.columns).rstrip(), *(line(r).rstrip() for r in cells)]) + "\n"
+    return render_table(table.rows, table.columns, fmt, cell)
 
 
 def save_plot(table: CompareTable, path: str, x: str = "queue_size", y: str = "linear_top1",

@@ -20,7 +20,9 @@ CHECKPOINT_TAG = "mocoray.checkpoint"
 RUN_KEY_TAG = "mocoray.run_key"
 SWEEP_RUN_TAG = "mocoray.sweep_run_id"
 STATUS_TAG = "mocoray.status"
-PARENT_TAG = "mocoray.parent"  # mlflow.parentRunId is MLflow's own; see link_child
+BACKBONE_TAG = "mocoray.backbone"
+RUN_DIR_TAG = "mocoray.run_dir"
+MLFLOW_PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests child runs under their parent in the UI
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
 
 
@@ -106,22 +108,30 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED", tags: dict[str, str
     c.set_terminated(run_id, status=status)
 
 
+def safely(what: str, fn, *args, **kwargs) -> Any:
+    """Call a tracking function; on any failure (network, server, store) warn and return None.
+
+    Tracking must never turn training or a finished evaluation into a failure.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:
+        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        log.warning("MLflow %s failed: %s", what, first)
+        print(f"[mocoray] warning: MLflow {what} failed: {first}")
+        return None
+
+
 class MetricLogger:
-    """Rank 0's metric writer for an existing run; swallows (and reports) tracking-server failures."""
+    """Rank 0's metric writer for an existing run; tracking-server failures are reported, not raised."""
 
     def __init__(self, uri: str | None, run_id: str | None) -> None:
         self.uri, self.run_id = uri, run_id
         self._client = client(uri) if uri and run_id else None
-        self.failures = 0
 
-    def _guard(self, what: str, fn, *args) -> None:
-        if self._client is None:
-            return
-        try:
-            fn(*args)
-        except Exception as err:  # network, server, or store errors: training must go on
-            self.failures += 1
-            log.warning("MLflow %s failed (%s); training continues without it", what, str(err).splitlines()[0][:200])
+    def _guard(self, what: str, fn) -> None:
+        if self._client is not None:
+            safely(what, fn)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         import time
@@ -137,9 +147,6 @@ class MetricLogger:
 
         items = [RunTag(k, str(v)) for k, v in values.items()]
         self._guard("set_tags", lambda: self._client.log_batch(self.run_id, tags=items))
-
-    def artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        self._guard("log_artifact", lambda: self._client.log_artifact(self.run_id, local_path, artifact_path))
 
 
 def run_lineage(uri: str, run_id: str) -> dict[str, Any]:
@@ -157,7 +164,7 @@ def run_lineage(uri: str, run_id: str) -> dict[str, Any]:
         "experiment": exp.name if exp else None,
         "job": run.data.tags.get(JOB_TAG),
         "checkpoint": run.data.tags.get(CHECKPOINT_TAG),
-        "backbone": run.data.tags.get("mocoray.backbone"),
+        "backbone": run.data.tags.get(BACKBONE_TAG),
         "params": dict(run.data.params),
     }
 

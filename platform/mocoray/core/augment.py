@@ -171,14 +171,6 @@ def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bij,bjhw->bihw", m, x)
 
 
-def eval_transform(size: int, resize: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Deterministic view for kNN / linear evaluation: resize + centre crop (ImageNet: 256 -> 224)."""
-    from torchvision import transforms as T
-
-    ops = [T.Resize(resize or size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(ops)
-
-
 def normalize_batch(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, size: int | None = None) -> torch.Tensor:
     """uint8/float batch -> normalised float batch (optionally resized): the batched eval view."""
     if x.dtype == torch.uint8:

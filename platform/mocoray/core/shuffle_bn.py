@@ -17,19 +17,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import rank_world
+
 BN_MODES = ("shuffle", "split", "sync", "none")
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 @torch.no_grad()
 def all_gather_batch(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's `x` (same shape on all ranks) along dim 0, in rank order. No gradient."""
-    _, world = rank_and_world()
+    _, world = rank_world()
     if world == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world)]
@@ -40,7 +36,7 @@ def all_gather_batch(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def shared_permutation(n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
     """A permutation of range(n), identical on every rank: drawn on rank 0, then broadcast."""
-    rank, world = rank_and_world()
+    rank, world = rank_world()
     if rank == 0:
         perm = torch.randperm(n, generator=generator, device="cpu").to(device)
     else:
@@ -58,7 +54,7 @@ def shuffle_batch(
 
     Every rank must pass a batch of the same size (drop_last in the sampler guarantees it).
     """
-    rank, world = rank_and_world()
+    rank, world = rank_world()
     x_all = all_gather_batch(x)
     perm = shared_permutation(x_all.shape[0], x.device, generator)
     mine = perm.view(world, -1)[rank]
@@ -72,7 +68,7 @@ def unshuffle_batch(x_local: torch.Tensor, unshuffle_index: torch.Tensor) -> tup
     The global rows come back too because they are exactly what every rank enqueues; returning them
     saves a second all-gather.
     """
-    rank, world = rank_and_world()
+    rank, world = rank_world()
     x_all = all_gather_batch(x_local)[unshuffle_index]
     return x_all.view(world, -1, *x_all.shape[1:])[rank], x_all
 

@@ -11,6 +11,8 @@ from .base import (
     SkipCorrupt,
     TensorImages,
     collate_batch,
+    image_batches,
+    take,
 )
 
 if TYPE_CHECKING:  # config needs pydantic; the data layer itself does not
@@ -25,7 +27,9 @@ __all__ = [
     "build_pretrain_data",
     "collate_batch",
     "check_paths",
+    "image_batches",
     "labelled_splits",
+    "take",
 ]
 
 
@@ -63,17 +67,8 @@ def build_pretrain_data(cfg: DataConfig) -> PretrainData:
         from .external import stl10_unlabeled
 
         train = ConcatDataset([train, stl10_unlabeled(cfg.root)])
-    if cfg.max_images is not None and len(train) > cfg.max_images:
-        train = _take(train, cfg.max_images)
+    train = take(train, cfg.max_images)
     return PretrainData(train=train, knn_bank=bank, knn_val=val, num_classes=num_classes, image_size=cfg.image_size)
-
-
-def _take(ds, n: int):
-    if isinstance(ds, TensorImages):
-        return ds.subset(range(n))
-    from torch.utils.data import Subset
-
-    return Subset(ds, range(n))
 
 
 def check_paths(cfg: DataConfig) -> None:

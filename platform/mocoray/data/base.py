@@ -156,3 +156,29 @@ def collate_batch(items: list) -> tuple:
     if isinstance(first, tuple):  # two views
         return (torch.stack([it[0][0] for it in items]), torch.stack([it[0][1] for it in items])), labels, skipped
     return torch.stack([it[0] for it in items]), labels, skipped
+
+
+def take(dataset: Dataset, n: int | None) -> Dataset:
+    """The first `n` items of `dataset` (all of them when `n` is None or larger)."""
+    if n is None or len(dataset) <= n:  # type: ignore[arg-type]
+        return dataset
+    if isinstance(dataset, TensorImages):
+        return dataset.subset(range(n))
+    from torch.utils.data import Subset
+
+    return Subset(dataset, range(n))
+
+
+def image_batches(dataset: Dataset, indices: list[int], batch_size: int, size: int, loader_workers: int = 0):
+    """(uint8 images, labels) batches of `dataset[indices]`, images resized to `size` (in-memory sets sliced)."""
+    if isinstance(dataset, TensorImages):
+        idx = torch.as_tensor(indices)
+        for i in range(0, len(indices), batch_size):
+            yield dataset.images[idx[i : i + batch_size]], dataset.labels[idx[i : i + batch_size]]
+        return
+    from torch.utils.data import DataLoader, Subset
+
+    loader = DataLoader(Subset(Resized(SkipCorrupt(dataset), size), indices), batch_size=batch_size,
+                        num_workers=loader_workers, collate_fn=collate_batch)
+    for x, y, _ in loader:
+        yield x, y

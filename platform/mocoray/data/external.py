@@ -56,8 +56,6 @@ STL10_SIZE = 96
 
 def external_splits(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
     """(train, val, num_classes) labelled datasets for the on-disk datasets named by `cfg.name`."""
-    if not cfg.root:
-        raise DatasetNotFoundError(f"data.root is required for data.name={cfg.name!r}")
     if cfg.name in CIFAR:
         return cifar_splits(cfg.name, cfg.root)
     if cfg.name == "stl10":

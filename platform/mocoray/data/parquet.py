@@ -195,14 +195,6 @@ class ParquetImages(Dataset):
         return decode_image(data, f"{self.shards[shard]} row {row}"), int(self.labels[i])
 
 
-def read_parquet_dataset(
-    url: str, field_name: str = "data.root", num_classes: int | None = None
-) -> ParquetImages:
-    """A `ParquetImages` dataset from a shard file, a glob or a folder of shards, local or a URL."""
-    fs, path = resolve(url, field_name)
-    return ParquetImages(fs, find_shards(fs, path, url, field_name), num_classes)
-
-
 @dataclass
 class ShardWriteReport:
     """What `convert_image_folder` wrote, and what it skipped."""

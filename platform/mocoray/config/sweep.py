@@ -1,4 +1,4 @@
-"""Typed sweep config: a base pretraining recipe, a search space over its dotted fields, the scheduler.
+"""The sweep's config: a base pretraining recipe, a search space over its dotted fields, the scheduler.
 
 Every space entry is checked against `PretrainConfig` before any trial starts: the field must exist,
 and each grid/choice value and both ends of each range must make a valid pretraining config.
@@ -12,18 +12,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from .config import (
+from .common import (
     ConfigError,
-    PretrainConfig,
     Section,
     build,
+    field_annotation,
     format_validation_error,
     parse_override,
     read_yaml,
+    section_fields,
     set_dotted,
 )
+from .pretrain import PretrainConfig
 
 # What `run_pretrain` reports to Ray Train every epoch (and so to Tune): what a sweep can rank by.
 REPORTED_METRICS = ("knn_top1", "knn_margin", "knn_top1_init", "loss", "contrastive_acc", "lr",
@@ -114,36 +116,6 @@ class SweepConfig(Section):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     storage_path: str = Field("./mocoray_sweeps", description="the sweep's folder is <storage_path>/<name>")
     tracking: dict[str, Any] = Field(default_factory=dict, description="overrides of the base recipe's tracking")
-
-
-def section_fields(model_cls: type[BaseModel], dotted: str) -> tuple[str, list[str]]:
-    """For 'moco.queu_size': ('moco', [fields of moco]); for 'mocoo.x': ('', [top-level sections])."""
-    cls: Any = model_cls
-    prefix: list[str] = []
-    for part in dotted.split(".")[:-1]:
-        field = cls.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            break
-        cls = field.annotation
-        prefix.append(part)
-    return ".".join(prefix), list(cls.model_fields)
-
-
-def field_annotation(model_cls: type[BaseModel], dotted: str) -> Any:
-    """The type annotation of a leaf field by dotted name, or None if there is no such leaf."""
-    cls: Any = model_cls
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
-        if field is None:
-            return None
-        is_section = isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-        if i == len(parts) - 1:
-            return None if is_section else field.annotation
-        if not is_section:
-            return None
-        cls = field.annotation
-    return None
 
 
 def is_int_field(dotted: str) -> bool:

@@ -1,0 +1,95 @@
+"""The pretraining job's config: model, MoCo, data + augmentation, optimiser, kNN monitor, run, tracking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..core.backbones import ARCHS
+from .common import DataConfig, RunConfig, Section, SGDConfig, TrackingConfig, load_recipe
+
+# What `mocoray pretrain` runs when no recipe is given: the CPU demo (experiments/ links to it).
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "digits_moco_v2.yaml"
+
+
+class ModelConfig(Section):
+    arch: Literal[ARCHS] = "resnet50"  # type: ignore[valid-type]
+    cifar_stem: bool = False
+
+
+class MocoConfig(Section):
+    version: Literal["v1", "v2"] = "v2"
+    queue_size: int = Field(65536, ge=1, description="K, negatives in the dictionary")
+    momentum: float = Field(0.999, ge=0.0, lt=1.0, description="m of the key encoder's moving average")
+    temperature: float = Field(0.2, gt=0.0, le=10.0, description="tau of InfoNCE")
+    dim: int = Field(128, ge=1, description="output size of the projection head")
+    mlp: bool | None = Field(None, description="2-layer MLP head; default: True for v2, False for v1")
+    bn_mode: Literal["shuffle", "split", "sync", "none"] = "shuffle"
+    num_splits: int = Field(8, ge=1, description="sub-batches of SplitBatchNorm (bn_mode split)")
+
+    @property
+    def use_mlp(self) -> bool:
+        return self.version == "v2" if self.mlp is None else self.mlp
+
+
+class PretrainDataConfig(DataConfig):
+    """The dataset plus the two-view augmentation's own fields."""
+
+    blur: bool | None = Field(None, description="Gaussian blur in v2 augmentation; default: on above 64 px")
+    crop_min_scale: float = Field(0.2, gt=0.0, le=1.0)
+
+
+class OptimConfig(SGDConfig):
+    """SGD on the query encoder. Defaults: MoCo's 200-epoch ImageNet setting (lr 0.03 for batch 256)."""
+
+    batch_size: int = Field(256, ge=2, description="global batch, split evenly across workers")
+    epochs: int = Field(200, ge=1)
+    milestones: list[int] = Field(default_factory=lambda: [120, 160])
+    warmup_epochs: int = Field(0, ge=0)
+    scale_lr: bool = Field(False, description="linear scaling rule: lr * batch_size / 256")
+    clip_grad_norm: float | None = Field(None, gt=0.0)
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr * self.batch_size / 256 if self.scale_lr else self.lr
+
+
+class KnnConfig(Section):
+    k: int = Field(20, ge=1)
+    temperature: float = Field(0.1, gt=0.0)
+    every: int = Field(1, ge=1, description="epochs between kNN evaluations (the last epoch always runs)")
+    max_bank: int | None = Field(None, ge=1, description="cap on labelled images in the kNN bank")
+
+
+class PretrainConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    moco: MocoConfig = Field(default_factory=MocoConfig)
+    data: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    knn: KnnConfig = Field(default_factory=KnnConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PretrainConfig:
+        workers, batch = self.run.num_workers, self.optim.batch_size
+        self.optim.check_batch_divides(workers, " (shuffle BN needs equal per-worker batches)")
+        per_worker = batch // workers
+        if self.moco.bn_mode == "split" or (self.moco.bn_mode == "shuffle" and workers == 1):
+            if per_worker % self.moco.num_splits:
+                raise ValueError(
+                    f"per-worker batch {per_worker} (optim.batch_size / run.num_workers) must be divisible by "
+                    f"moco.num_splits={self.moco.num_splits} for SplitBatchNorm"
+                )
+        if self.moco.bn_mode == "sync" and not self.run.use_gpu:
+            raise ValueError("moco.bn_mode='sync' needs run.use_gpu=true (SyncBatchNorm has no CPU kernel)")
+        if self.optim.warmup_epochs >= self.optim.epochs and self.optim.warmup_epochs > 0:
+            raise ValueError(f"optim.warmup_epochs={self.optim.warmup_epochs} must be < optim.epochs={self.optim.epochs}")
+        return self
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
+    """Recipe at `path` (or the schema's defaults) with `overrides` applied, validated."""
+    return load_recipe(PretrainConfig, path, overrides)

@@ -1,0 +1,48 @@
+"""Fault injection for the tests: how they prove the recovery paths. Not part of any user-facing config.
+
+A job takes a `Faults` through its Python API (`run_pretrain(cfg, faults=...)`); the CLI never sets one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .runtime import console
+
+
+@dataclass
+class Faults:
+    nan_at_step: int | None = None  # multiply rank 0's query images by NaN at this global step
+    crash_at_epoch: int | None = None  # kill one worker once, during this epoch
+    crash_rank: int = 0
+    crash_marker: str | None = None  # file recording that the crash happened (so it happens once)
+    # Work this long into the epoch before dying: Ray Train's controller polls workers every 2 s, and a
+    # checkpoint reported less than one poll before a crash dies with the worker.
+    crash_delay_s: float = 5.0
+    unfreeze_backbone: bool = False  # linear evaluation trains the backbone too: its check must fail the run
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.crash_marker:
+            d["crash_marker"] = str(Path(self.crash_marker).resolve())
+        return d
+
+    def maybe_crash(self, epoch: int, rank: int) -> None:
+        if self.crash_at_epoch != epoch or self.crash_rank != rank:
+            return
+        if self.crash_marker and Path(self.crash_marker).exists():
+            return
+        time.sleep(self.crash_delay_s)
+        if self.crash_marker:
+            Path(self.crash_marker).write_text(f"crashed rank {rank} in epoch {epoch}\n")
+        console(f"fault injection: killing worker rank {rank} during epoch {epoch}")
+        os._exit(1)
+
+    def poison(self, images: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+        """NaN images at the configured step on rank 0, so the loss turns non-finite there only."""
+        return images * float("nan") if self.nan_at_step == step and rank == 0 else images
