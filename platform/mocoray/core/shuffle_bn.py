@@ -98,21 +98,20 @@ class _SubBatchNorm(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)
         scale = invstd * weight.float()  # (G, C)
         shift = bias.float() - mean * scale
-        # written through a view into a tensor laid out like x: the output must not itself be a view
-        # (a following ReLU(inplace=True) modifies it)
-        y = torch.empty_like(x)
-        torch.addcmul(_bcast(shift, x), x5, _bcast(scale, x), out=y.view(x5.shape))
+        # The output stays 5-D (laid out like x5): a view made here could not be modified in place
+        # afterwards (ReLU(inplace=True) does), so the caller views it back to N x C x H x W.
+        y5 = torch.addcmul(_bcast(shift, x), x5, _bcast(scale, x))
         ctx.save_for_backward(x, mean, invstd, weight)
         ctx.groups = groups
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y5, mean, var
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor, _grad_mean, _grad_var):
+    def backward(ctx, dy5: torch.Tensor, _grad_mean, _grad_var):
         x, mean, invstd, weight = ctx.saved_tensors
         N, C, H, W = x.shape
         G = ctx.groups
-        x5, dy5 = x.view(N // G, G, C, H, W), grad_y.view(N // G, G, C, H, W)
+        x5 = x.view(N // G, G, C, H, W)
         n = N // G * H * W
         sum_dy = dy5.sum(dim=(0, 3, 4), dtype=torch.float32)
         sum_dy_xmu = (dy5 * x5).sum(dim=(0, 3, 4), dtype=torch.float32) - mean * sum_dy
@@ -136,7 +135,8 @@ def sub_batch_norm(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training-mode batch norm of sub-batches g = samples g, g+G, ...: (output, mean, biased variance),
     the statistics (G x C, fp32, no gradient) for the caller's running averages. Any memory format."""
-    return _SubBatchNorm.apply(x, weight, bias, groups, eps)
+    y5, mean, var = _SubBatchNorm.apply(x, weight, bias, groups, eps)
+    return y5.view(x.shape), mean, var
 
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
