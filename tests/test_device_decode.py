@@ -151,7 +151,7 @@ def test_device_decode_falls_back_to_cpu_for_other_formats_and_replaces_undecoda
     images, replaced = aug.decode(items, torch.device("cpu"))
     assert replaced == 2 and len(images) == 5  # each replaced by the next good image, in turn
     assert [tuple(im.shape) for im in images] == [(3, 48, 64), (3, 48, 64), (3, 30, 40), (3, 30, 40), (3, 20, 24)]
-    assert torch.equal(images[2], torch.from_numpy(np.asarray(Image.open(png).convert("RGB"))).permute(2, 0, 1))
+    assert torch.equal(images[2], torch.from_numpy(np.array(Image.open(png).convert("RGB"))).permute(2, 0, 1))
     im_q, im_k, replaced = aug.two_views(items, "cpu")
     assert im_q.shape == im_k.shape == (5, 3, 32, 32) and replaced == 2 and torch.isfinite(im_q).all()
     with pytest.raises(CorruptImageError, match="none of the 2 images"):
