@@ -6,7 +6,8 @@
 #      model-only with split BN (the one-GPU default) and with plain BN, end to end from JPEG files
 #      with data.decode gpu (3 loader workers) and cpu (all but 2 cores as workers), and the device
 #      decode+augment alone;
-#   3. torch.compile against eager (second run: compilation takes a while);
+#   3. torch.compile against eager (second run: compilation takes a while), of the encoders and of the
+#      device colour/blur stage;
 #   4. the BN layers alone (split vs plain per layout), to explain the split-BN figure;
 #   5. a Markdown table for benchmarks/README.md naming the card.
 # Usage, from the repository root:  bash benchmarks/gpu_check.sh   (outputs go to $OUT or ./gpu_check_out)
@@ -57,8 +58,8 @@ print('ray/mlflow/pydantic/pyarrow imported:', sorted({m.split('.')[0] for m in 
   log "2. model-only (split, plain) and end to end from JPEG files (gpu / cpu decode)"
   timeout 180 $B --modes "model,model+plain,jpeg-gpu:3,jpeg-cpu:$WORKERS,jpeg-augment" $JPEG --json "$OUT/e2e.json"
 
-  log "3. torch.compile vs eager (split BN, the one-GPU default)"
-  timeout 230 $B --modes "model,model+compile" $COMPILE --json "$OUT/compile.json"
+  log "3. torch.compile vs eager (split BN, the one-GPU default; device augmentation)"
+  timeout 230 $B --modes "model,model+compile,jpeg-augment,jpeg-augment+compile" $COMPILE --json "$OUT/compile.json"
 
   log "4. BN layers alone"
   timeout 45 $PY benchmarks/split_bn.py $BN
@@ -107,6 +108,8 @@ row(e2e, "A", cpu_mode, "model", "model-only (split)", "reported beside gpu deco
 row(e2e, "A", "jpeg-augment", None, "", "decode + both views alone")
 row(comp, "B", "model", None, "", "eager reference of run B")
 row(comp, "B", "model+compile", "model", "eager", "default on where it wins")
+row(comp, "B", "jpeg-augment", None, "", "decode + both views alone, eager")
+row(comp, "B", "jpeg-augment+compile", "jpeg-augment", "eager", "colour/blur stage compiled")
 if comp and "model+compile" in comp["results"]:
     print(f"\nrun B warm-up ({comp['args']['warmup']} steps, includes compilation): "
           f"{comp['results']['model+compile']['warmup_s']:.0f} s "

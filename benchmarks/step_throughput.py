@@ -22,7 +22,8 @@ a shared machine hits every mode alike):
 * `jpeg-augment`: `DeviceJpegAugment.two_views` alone on one prefetched batch of file bytes.
 
 A mode may name a model variant after `+`: `+plain` (plain BN, bn_mode none), `+split` (split BN),
-`+compile` (torch.compile of both encoders), e.g. `model+plain`, `model+compile`, `jpeg-gpu:4+compile`.
+`+compile` (torch.compile of both encoders, and for jpeg-* modes of the device colour/blur stage too),
+e.g. `model+plain`, `model+compile`, `jpeg-gpu:4+compile`, `jpeg-augment+compile`.
 Modes of the same variant share one model; the unsuffixed variant is `--bn-mode` resolved for one
 worker (shuffle -> split), eager. Every variant uses `core.compiled.make_sgd` (fused SGD on CUDA).
 
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     first = images.images[torch.randperm(len(images), generator=gen)[: args.batch]].to(device)
     fixed_q, fixed_k = augment.two_views(first)
-    jpeg_aug = DeviceJpegAugment(spec)
+    jpeg_augs = {False: DeviceJpegAugment(spec)}
     folder = None
 
     def loader_of(dataset, n_workers: int, collate) -> DataLoader:
@@ -253,6 +254,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         return run
 
+    def jpeg_aug(variant: frozenset[str]) -> DeviceJpegAugment:
+        compiled = "compile" in variant
+        if compiled not in jpeg_augs:
+            jpeg_augs[compiled] = DeviceJpegAugment(spec, compile_backend=args.compile_backend)
+        return jpeg_augs[compiled]
+
     modes: dict[str, Callable[[], None]] = {}
     wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in wanted:
@@ -273,14 +280,16 @@ def main(argv: list[str] | None = None) -> dict:
                 modes[f"loader:{n}{suffix}"] = views_from_workers(loader_of(ds, n, collate_batch), stepper(variant))
         elif kind == "jpeg-gpu":
             loader = loader_of(encoded_train_dataset(folder), n_workers, collate_encoded)
-            modes[mode] = views_on_device(loader, lambda b: jpeg_aug.two_views(b, device), stepper(variant))
+            aug = jpeg_aug(variant)
+            modes[mode] = views_on_device(loader, lambda b, aug=aug: aug.two_views(b, device), stepper(variant))
         elif kind == "jpeg-cpu":
             ds = Transformed(SkipCorrupt(folder), two_view_transform(spec))
             modes[mode] = views_from_workers(loader_of(ds, n_workers, collate_batch), stepper(variant))
         elif kind == "jpeg-augment":
             encoded = encoded_train_dataset(folder)
             batch = collate_encoded([encoded[i] for i in range(args.batch)])[0]
-            modes[mode] = lambda batch=batch: jpeg_aug.two_views(batch, device)
+            aug = jpeg_aug(variant)
+            modes[mode] = lambda batch=batch, aug=aug: aug.two_views(batch, device)
         elif kind == "augment":
             src = images.images[: args.batch].to(device)
             modes[mode] = lambda src=src: augment.two_views(src)
@@ -346,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows, results = [], {}
     for name in names:
         pps = median(per_round[name])
-        is_step = not name.endswith("augment")
+        is_step = parse_mode(name)[0] not in ("augment", "jpeg-augment")
         rows.append([name, f"{pps:.1f}", f"{median(step_ms[name]):.1f}", spread(per_round[name]),
                      f"{pps / ref:.2f}x" if ref and is_step else "-",
                      f"{median(cpu_ms[name]):.2f}" if cpu_ms[name] else "-",

@@ -102,13 +102,17 @@ class DeviceJpegAugment:
 
     `max_side` (default 4x the output size) bounds the padded batch: a larger image is first shrunk
     (antialiased) to that longer side. Crops keep their area and aspect fractions; the resampling then
-    differs slightly from resizing in one step.
+    differs slightly from resizing in one step. `compile_backend` (e.g. "inductor") compiles the
+    colour/blur/normalisation stage, some twenty element-wise passes over the views that a compiled
+    graph fuses into a few; random draws then come from the compiled graph's generator.
     """
 
-    def __init__(self, spec: AugmentSpec, max_side: int | None = None) -> None:
+    def __init__(self, spec: AugmentSpec, max_side: int | None = None, compile_backend: str | None = None) -> None:
         self.spec = spec
         self.colour = BatchAugment(spec)
         self.max_side = max_side or 4 * spec.size
+        finish = self.colour.finish
+        self._finish = torch.compile(finish, backend=compile_backend) if compile_backend else finish
 
     def decode(
         self, batch: EncodedBatch | list[torch.Tensor], device: torch.device
@@ -182,5 +186,5 @@ class DeviceJpegAugment:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         views = resized_crops(pad_images(images, dtype), boxes, flips, S)  # (2, B, 3, S, S)
         x = torch.empty(2 * B, 3, S, S, device=device).copy_(views.reshape(2 * B, 3, S, S)).div_(255)
-        x = self.colour.finish(x)
+        x = self._finish(x)
         return x[:B], x[B:], replaced
