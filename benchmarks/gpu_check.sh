@@ -10,14 +10,14 @@
 #      device colour/blur stage;
 #   4. the BN layers alone (split vs plain per layout), to explain the split-BN figure;
 #   5. a Markdown table for benchmarks/README.md naming the card.
-# Usage, from the repository root:  bash benchmarks/gpu_check.sh   (outputs go to $OUT or ./gpu_check_out)
+# Usage, from the repository root:  bash benchmarks/gpu_check.sh   (log and JSON go to $OUT, default /tmp/mocoray_gpu_check)
 # DRY_RUN=1 runs the same steps on the CPU with tiny settings (a check of the script itself, ~3 minutes).
 # Needs python3 with torch + torchvision (CUDA), numpy, PIL, fsspec; pytest (tests are skipped without it);
 # no network, no Ray/MLflow/pydantic/pyarrow.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/platform" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-OUT="${OUT:-$PWD/gpu_check_out}"
+OUT="${OUT:-${TMPDIR:-/tmp}/mocoray_gpu_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 WORKERS=$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))
