@@ -1,32 +1,48 @@
-"""Pairs/s of one MoCo training step (two views), with and without the data pipeline.
+"""Pairs/s of one MoCo training step (two views), with and without the data pipeline, up to JPEG files.
 
-Modes, all measured in the same run on the same model, in alternating rounds (the order rotates each
-round, so drift on a shared machine hits every mode alike):
+Modes, all measured in the same run, in alternating rounds (the order rotates each round, so drift on
+a shared machine hits every mode alike):
 
-* `model`    : `core.moco.train_step` on pre-made view tensors already on the device: forward of
-               both encoders, backward, optimiser step, enqueue. The reference the others are
-               compared to (the `vs model` column).
-* `pipeline` : what a `data.augment=device` run does per step: uint8 batches from an in-memory
-               `TensorImages` through a DataLoader (no workers) -> to device -> `BatchAugment`
-               (two views) -> `train_step`.
-* `loader:N` : what a `data.augment=loader` run does: the per-image torchvision
-               `two_view_transform` in a DataLoader with N worker processes -> to device ->
-               `train_step`. One mode per N in `--loader-workers`.
-* `augment`  : (optional) `BatchAugment.two_views` alone on a device batch: the augmentation's share.
+* `model`       : `core.moco.train_step` on pre-made view tensors already on the device: forward of
+                  both encoders, backward, optimiser step, enqueue. The reference the others are
+                  compared to (the `vs model` column).
+* `pipeline`    : what a `data.augment=device` run does per step: uint8 batches from an in-memory
+                  `TensorImages` through a DataLoader (no workers) -> to device -> `BatchAugment`
+                  (two views) -> `train_step`.
+* `loader:N`    : what a `data.augment=loader` run does: the per-image torchvision
+                  `two_view_transform` in a DataLoader with N worker processes -> to device ->
+                  `train_step`. One mode per N in `--loader-workers`.
+* `augment`     : (optional) `BatchAugment.two_views` alone on a device batch: the augmentation's share.
+* `jpeg-gpu:N`  : end to end from JPEG files, `data.decode=gpu`: an ImageFolder of JPEGs this script
+                  writes (`--jpeg-images` photo-like images of ImageNet-like sizes, quality 90), read
+                  as bytes by N loader workers (`encoded_train_dataset` + `collate_encoded`), decoded
+                  and augmented on the device (`DeviceJpegAugment.two_views`) -> `train_step`.
+* `jpeg-cpu:N`  : the same files, `data.decode=cpu`: PIL decoding and the torchvision per-image
+                  two-view transform in N loader workers -> to device -> `train_step`.
+* `jpeg-augment`: `DeviceJpegAugment.two_views` alone on one prefetched batch of file bytes.
+
+A mode may name a model variant after `+`: `+plain` (plain BN, bn_mode none), `+split` (split BN),
+`+compile` (torch.compile of both encoders, and for jpeg-* modes of the device colour/blur stage too),
+e.g. `model+plain`, `model+compile`, `jpeg-gpu:4+compile`, `jpeg-augment+compile`.
+Modes of the same variant share one model; the unsuffixed variant is `--bn-mode` resolved for one
+worker (shuffle -> split), eager. Every variant uses `core.compiled.make_sgd` (fused SGD on CUDA).
 
 Reported per mode: pairs/s (median over rounds of batch*steps/round time), the rounds' min-max,
-median ms/step, and the ratio to `model`; on CPU also pairs per CPU-second of this process tree
-(loader workers included), which a busy shared machine disturbs much less than wall time. Warm-up steps (cudnn autotuning, loader start-up, first
-allocations; for `loader:N` at least 2N steps, to drain the workers' first burst of prefetched
-batches) are excluded; on CUDA every step ends with a synchronize before the clock is read.
+median ms/step, the ratio to `model`, CPU milliseconds per pair and CPU cores busy (this process and
+its children, loader workers included), and on CUDA the mean GPU utilisation (NVML) during the
+mode's rounds. Warm-up steps (compilation, cudnn autotuning, loader start-up, first allocations; for
+a mode with N workers at least 2N steps, to drain their first burst of prefetched batches) are
+excluded; on CUDA every step ends with a synchronize before the clock is read.
 
-Imports only torch/torchvision and mocoray.core / mocoray.data (no Ray, MLflow or pydantic), so it
-runs on a bare GPU box: `PYTHONPATH=platform python benchmarks/step_throughput.py --device cuda ...`.
+Imports only torch/torchvision/PIL/numpy/fsspec and mocoray.core, mocoray.data (not its parquet part)
+and mocoray.gpu_metrics (no Ray, MLflow, pydantic or pyarrow), so it runs on a bare GPU box:
+`PYTHONPATH=platform python benchmarks/step_throughput.py --device cuda ...`.
 
 Examples:
     python benchmarks/step_throughput.py                      # CPU, small_resnet, 32 px digits
     python benchmarks/step_throughput.py --device cuda --arch resnet50 --image-size 224 \\
-        --data synthetic --batch 256 --queue 65536 --amp bf16 --channels-last
+        --data synthetic --batch 256 --queue 65536 --amp bf16 --channels-last \\
+        --modes model,model+plain,jpeg-gpu:3,jpeg-cpu:12
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -41,16 +58,23 @@ from _bench import ensure_mocoray_importable, machine_line, median, spread, tabl
 
 ensure_mocoray_importable()
 
+import fsspec  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
 from mocoray.core.augment import BatchAugment, moco_spec, two_view_transform  # noqa: E402
 from mocoray.core.backbones import ARCHS, build_backbone, count_macs  # noqa: E402
+from mocoray.core.compiled import compile_encoders, make_sgd  # noqa: E402
 from mocoray.core.moco import Encoder, MoCo, train_step  # noqa: E402
 from mocoray.core.shuffle_bn import BN_MODES, resolve_bn_mode  # noqa: E402
 from mocoray.data.base import SkipCorrupt, TensorImages, Transformed, collate_batch  # noqa: E402
+from mocoray.data.device_decode import DeviceJpegAugment, collate_encoded, encoded_train_dataset  # noqa: E402
+from mocoray.data.external import ImageFolderFS  # noqa: E402
+from mocoray.data.synthetic import write_photo_folder  # noqa: E402
+from mocoray.gpu_metrics import gpu_monitor  # noqa: E402
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+VARIANTS = ("plain", "split", "compile")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,9 +90,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="requested BN-leak handling; resolved as for one worker (shuffle -> split)")
     p.add_argument("--num-splits", type=int, default=8)
     p.add_argument("--data", default="digits", choices=["digits", "synthetic"],
-                   help="digits: scattered digits (32 px, 4,314 images); synthetic: random uint8 images "
-                        "at --image-size")
+                   help="in-memory images of model/pipeline/loader/augment: digits (32 px scattered digits, "
+                        "4,314 images) or synthetic (random uint8 images at --image-size)")
     p.add_argument("--synthetic-images", type=int, default=None, help="default: 4 batches")
+    p.add_argument("--jpeg-dir", default=None,
+                   help="folder for the jpeg-* modes' files (default: a folder in the temp dir, kept and "
+                        "reused when it already holds --jpeg-images files)")
+    p.add_argument("--jpeg-images", type=int, default=None, help="JPEG files to write (default: 4 batches)")
+    p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--amp", default="none", choices=list(AMP))
     p.add_argument("--channels-last", action="store_true")
@@ -76,11 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: 1 on CPU, as a Ray worker with 1 CPU; torch's on CUDA)")
     p.add_argument("--modes", default="model,pipeline,loader",
-                   help="comma list of model, pipeline, loader, augment")
+                   help="comma list of model, pipeline, loader, augment, jpeg-gpu:N, jpeg-cpu:N, jpeg-augment, "
+                        "each optionally +plain, +split, +compile")
     p.add_argument("--loader-workers", default="2", help="comma list of DataLoader worker counts for `loader`")
     p.add_argument("--rounds", type=int, default=None, help="default 8 CPU, 3 CUDA")
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode per round (default 3 CPU, 20 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per mode first (default 2 CPU, 5 CUDA)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the +compile variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
@@ -90,6 +121,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     args.threads = args.threads or (None if cuda else 1)
     return args
+
+
+def parse_mode(mode: str) -> tuple[str, int, frozenset[str]]:
+    """'jpeg-gpu:4+compile' -> ('jpeg-gpu', 4, {'compile'})."""
+    name, *variant = mode.split("+")
+    kind, _, workers = name.partition(":")
+    unknown = set(variant) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"mode {mode!r}: unknown variant {sorted(unknown)}; use {', '.join(VARIANTS)}")
+    return kind, int(workers or 0), frozenset(variant)
 
 
 def load_images(args: argparse.Namespace) -> TensorImages:
@@ -103,21 +144,39 @@ def load_images(args: argparse.Namespace) -> TensorImages:
     return synthetic_images(n, 10, args.image_size, seed=args.seed)
 
 
-def build(args: argparse.Namespace, device: torch.device):
+def jpeg_folder(args: argparse.Namespace) -> ImageFolderFS:
+    """The photo-like JPEG ImageFolder (written once, reused by later runs with the same settings)."""
+    n = args.jpeg_images or 4 * args.batch
+    root = args.jpeg_dir or os.path.join(tempfile.gettempdir(), f"mocoray_bench_jpeg_{n}_q{args.jpeg_quality}_s{args.seed}")
+    done = os.path.join(root, "done")
+    if not os.path.exists(done):
+        t0 = time.perf_counter()
+        nbytes = write_photo_folder(root, n, quality=args.jpeg_quality, seed=args.seed,
+                                    processes=min(16, os.cpu_count() or 1))
+        with open(done, "w") as f:
+            f.write(f"{n} files, {nbytes} bytes\n")
+        print(f"wrote {n} JPEG files ({nbytes / n / 1024:.0f} KiB each on average) to {root} "
+              f"in {time.perf_counter() - t0:.1f} s")
+    return ImageFolderFS(fsspec.filesystem("file"), root)
+
+
+def build(args: argparse.Namespace, device: torch.device, bn_mode: str, compiled: bool):
     torch.manual_seed(args.seed)
     backbone, feat_dim = build_backbone(args.arch, args.cifar_stem)
     macs = count_macs(backbone, args.image_size)
-    bn_mode = resolve_bn_mode(args.bn_mode, 1, device.type)
     model = MoCo(Encoder(backbone, feat_dim, args.dim, mlp=args.version == "v2"), args.queue, 0.99, 0.2,
                  bn_mode, args.num_splits).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    if compiled:
+        compile_encoders(model, backend=args.compile_backend)
+    opt = make_sgd(model.encoder_q.parameters(), 0.03, 0.9, 1e-4, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16" and device.type == "cuda")
-    return model, opt, scaler, macs, bn_mode
+    return model, opt, scaler, macs
 
 
 def endless(loader: DataLoader):
+    """Batches forever (epoch after epoch)."""
     while True:
         yield from loader
 
@@ -141,75 +200,127 @@ def main(argv: list[str] | None = None) -> dict:
     images = load_images(args)
     spec = moco_spec(args.version, args.image_size)
     augment = BatchAugment(spec)
-    model, opt, scaler, macs, bn_mode = build(args, device)
     amp_dtype = AMP[args.amp]
+    default_bn = resolve_bn_mode(args.bn_mode, 1, device.type)
+    models: dict[tuple[str, bool], tuple] = {}
 
-    def channels(t: torch.Tensor) -> torch.Tensor:
-        return t.contiguous(memory_format=torch.channels_last) if args.channels_last else t
+    def stepper(variant: frozenset[str]) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        bn = "none" if "plain" in variant else "split" if "split" in variant else default_bn
+        key = (bn, "compile" in variant)
+        if key not in models:
+            models[key] = build(args, device, *key)
+        model, opt, scaler, _ = models[key]
 
-    def step(im_q: torch.Tensor, im_k: torch.Tensor) -> None:
-        train_step(model, channels(im_q), channels(im_k), opt, scaler, amp_dtype)
+        def step(im_q: torch.Tensor, im_k: torch.Tensor) -> None:
+            if args.channels_last:
+                im_q = im_q.contiguous(memory_format=torch.channels_last)
+                im_k = im_k.contiguous(memory_format=torch.channels_last)
+            train_step(model, im_q, im_k, opt, scaler, amp_dtype)
+
+        return step
 
     # --- the modes: each is a callable doing one full step (data included) ---
     gen = torch.Generator().manual_seed(args.seed)
     first = images.images[torch.randperm(len(images), generator=gen)[: args.batch]].to(device)
     fixed_q, fixed_k = augment.two_views(first)
+    jpeg_augs = {False: DeviceJpegAugment(spec)}
+    folder = None
 
-    def run_model() -> None:
-        step(fixed_q, fixed_k)
+    def loader_of(dataset, n_workers: int, collate) -> DataLoader:
+        # One endless epoch of reshuffled passes: a real epoch is thousands of steps, and restarting a
+        # small one every few steps would add a pipeline bubble (workers refilling) a real run never sees.
+        sampler = RandomSampler(dataset, num_samples=1 << 40, generator=gen)
+        return DataLoader(dataset, batch_size=args.batch, sampler=sampler, drop_last=True, num_workers=n_workers,
+                          collate_fn=collate, pin_memory=cuda, persistent_workers=n_workers > 0)
+
+    def views_from_workers(loader: DataLoader, step) -> Callable[[], None]:
+        """A step on batches of two views made in loader workers."""
+        it = endless(loader)
+
+        def run() -> None:
+            (v1, v2), _, _ = next(it)
+            step(v1.to(device, non_blocking=True), v2.to(device, non_blocking=True))
+
+        return run
+
+    def views_on_device(loader: DataLoader, make_views, step) -> Callable[[], None]:
+        """A step on batches whose two views `make_views` makes on the device."""
+        it = endless(loader)
+
+        def run() -> None:
+            batch, _, _ = next(it)
+            im_q, im_k = make_views(batch)[:2]
+            step(im_q, im_k)
+
+        return run
+
+    def jpeg_aug(variant: frozenset[str]) -> DeviceJpegAugment:
+        compiled = "compile" in variant
+        if compiled not in jpeg_augs:
+            jpeg_augs[compiled] = DeviceJpegAugment(spec, compile_backend=args.compile_backend)
+        return jpeg_augs[compiled]
 
     modes: dict[str, Callable[[], None]] = {}
     wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in wanted:
-        if m == "model":
-            modes["model"] = run_model
-        elif m == "pipeline":
-            loader = DataLoader(images, batch_size=args.batch, sampler=RandomSampler(images, generator=gen),
-                                drop_last=True, collate_fn=collate_batch, pin_memory=cuda)
-            it = endless(loader)
-
-            def run_pipeline(it=it) -> None:
-                x, _, _ = next(it)
-                im_q, im_k = augment.two_views(x.to(device, non_blocking=True))
-                step(im_q, im_k)
-
-            modes["pipeline"] = run_pipeline
-        elif m == "loader":
+    for mode in wanted:
+        kind, n_workers, variant = parse_mode(mode)
+        suffix = "".join(f"+{v}" for v in sorted(variant))
+        if kind in ("jpeg-gpu", "jpeg-cpu", "jpeg-augment") and folder is None:
+            folder = jpeg_folder(args)
+        if kind == "model":
+            step = stepper(variant)
+            modes[mode] = lambda step=step: step(fixed_q, fixed_k)
+        elif kind == "pipeline":
+            modes[mode] = views_on_device(loader_of(images, 0, collate_batch),
+                                          lambda x: augment.two_views(x.to(device, non_blocking=True)),
+                                          stepper(variant))
+        elif kind == "loader":
             for n in [int(v) for v in args.loader_workers.split(",") if v.strip()]:
                 ds = Transformed(SkipCorrupt(images), two_view_transform(spec))
-                loader = DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=n,
-                                    collate_fn=collate_batch, pin_memory=cuda, persistent_workers=n > 0)
-                it = endless(loader)
-
-                def run_loader(it=it) -> None:
-                    (v1, v2), _, _ = next(it)
-                    step(v1.to(device, non_blocking=True), v2.to(device, non_blocking=True))
-
-                modes[f"loader:{n}"] = run_loader
-        elif m == "augment":
+                modes[f"loader:{n}{suffix}"] = views_from_workers(loader_of(ds, n, collate_batch), stepper(variant))
+        elif kind == "jpeg-gpu":
+            loader = loader_of(encoded_train_dataset(folder), n_workers, collate_encoded)
+            aug = jpeg_aug(variant)
+            modes[mode] = views_on_device(loader, lambda b, aug=aug: aug.two_views(b, device), stepper(variant))
+        elif kind == "jpeg-cpu":
+            ds = Transformed(SkipCorrupt(folder), two_view_transform(spec))
+            modes[mode] = views_from_workers(loader_of(ds, n_workers, collate_batch), stepper(variant))
+        elif kind == "jpeg-augment":
+            encoded = encoded_train_dataset(folder)
+            batch = collate_encoded([encoded[i] for i in range(args.batch)])[0]
+            aug = jpeg_aug(variant)
+            modes[mode] = lambda batch=batch, aug=aug: aug.two_views(batch, device)
+        elif kind == "augment":
             src = images.images[: args.batch].to(device)
-
-            def run_augment(src=src) -> None:
-                augment.two_views(src)
-
-            modes["augment"] = run_augment
+            modes[mode] = lambda src=src: augment.two_views(src)
         else:
-            raise SystemExit(f"unknown mode {m!r}: use model, pipeline, loader, augment")
+            raise SystemExit(f"unknown mode {mode!r}: use model, pipeline, loader, augment, jpeg-gpu:N, "
+                             "jpeg-cpu:N, jpeg-augment")
 
+    macs = next(iter(models.values()))[3] if models else count_macs(build_backbone(args.arch, args.cifar_stem)[0],
+                                                                     args.image_size)
     print(f"machine: {machine_line(args.device)}")
     print(f"{args.arch} ({macs / 1e6:.0f} M MACs/image at {args.image_size} px), batch {args.batch}, K {args.queue}, "
-          f"dim {args.dim}, {args.version}, bn_mode {bn_mode}, amp {args.amp}, channels_last {args.channels_last}, "
-          f"data {args.data}; {args.rounds} rounds x {args.steps} steps per mode after {args.warmup} warm-up steps")
+          f"dim {args.dim}, {args.version}, bn_mode {default_bn} (+plain: none), amp {args.amp}, "
+          f"channels_last {args.channels_last}, data {args.data}; {args.rounds} rounds x {args.steps} steps "
+          f"per mode after {args.warmup} warm-up steps")
 
-    for name, fn in modes.items():  # warm-up: autotuning, first allocations, loader workers start
+    warmup_s: dict[str, float] = {}
+    for name, fn in modes.items():  # warm-up: compilation, autotuning, first allocations, loader workers start
         # A loader with N workers first delivers a burst of up to 2N prefetched batches: drain it.
-        n_workers = int(name.split(":")[1]) if name.startswith("loader:") else 0
+        n_workers = parse_mode(name)[1]
+        t0 = time.perf_counter()
         for _ in range(max(args.warmup, 2 * n_workers)):
             fn()
         sync()
+        warmup_s[name] = time.perf_counter() - t0
 
+    monitor = gpu_monitor(device, interval_s=0.1).start()
     per_round: dict[str, list[float]] = {m: [] for m in modes}
-    cpu_round: dict[str, list[float]] = {m: [] for m in modes}
+    cpu_ms: dict[str, list[float]] = {m: [] for m in modes}
+    cores: dict[str, list[float]] = {m: [] for m in modes}
+    gpu_util: dict[str, list[float]] = {m: [] for m in modes}
+    peak_gib: dict[str, float] = {}
     step_ms: dict[str, list[float]] = {m: [] for m in modes}
     names = list(modes)
     pid = os.getpid()
@@ -218,43 +329,50 @@ def main(argv: list[str] | None = None) -> dict:
         for name in order:
             fn = modes[name]
             sync()
+            monitor.epoch_averages()  # drop what was sampled before this mode's round (and the memory peak)
             t_round, c_round = time.perf_counter(), tree_cpu_seconds(pid)
             for _ in range(args.steps):
                 t0 = time.perf_counter()
                 fn()
                 sync()
                 step_ms[name].append((time.perf_counter() - t0) * 1e3)
-            per_round[name].append(args.batch * args.steps / (time.perf_counter() - t_round))
+            wall = time.perf_counter() - t_round
+            per_round[name].append(args.batch * args.steps / wall)
             c_end = tree_cpu_seconds(pid)
-            if c_round is not None and c_end is not None and c_end > c_round:
-                cpu_round[name].append(args.batch * args.steps / (c_end - c_round))
+            if c_round is not None and c_end is not None:
+                cpu_ms[name].append((c_end - c_round) * 1e3 / (args.batch * args.steps))
+                cores[name].append((c_end - c_round) / wall)
+            gpu = monitor.epoch_averages()
+            if "gpu_util_pct" in gpu:
+                gpu_util[name].append(gpu["gpu_util_pct"])
+            if "gpu_mem_peak_allocated_gib" in gpu:
+                peak_gib[name] = max(peak_gib.get(name, 0.0), gpu["gpu_mem_peak_allocated_gib"])
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {per_round[n][-1]:.1f}" for n in names)
               + " pairs/s", flush=True)
+    monitor.stop()
 
     ref = median(per_round["model"]) if "model" in per_round else None
-    show_cpu = not cuda and all(cpu_round.values())
-    cpu_ref = median(cpu_round["model"]) if show_cpu and "model" in cpu_round else None
     rows, results = [], {}
     for name in names:
         pps = median(per_round[name])
-        row = [name, f"{pps:.1f}", f"{median(step_ms[name]):.1f}", spread(per_round[name]),
-               f"{pps / ref:.2f}x" if ref else "-"]
-        if show_cpu:
-            cps = median(cpu_round[name])
-            row += [f"{cps:.1f}", f"{cps / cpu_ref:.2f}x" if cpu_ref else "-"]
-        rows.append(row)
+        is_step = parse_mode(name)[0] not in ("augment", "jpeg-augment")
+        rows.append([name, f"{pps:.1f}", f"{median(step_ms[name]):.1f}", spread(per_round[name]),
+                     f"{pps / ref:.2f}x" if ref and is_step else "-",
+                     f"{median(cpu_ms[name]):.2f}" if cpu_ms[name] else "-",
+                     f"{median(cores[name]):.1f}" if cores[name] else "-",
+                     f"{median(gpu_util[name]):.0f}" if gpu_util[name] else "-",
+                     f"{peak_gib[name]:.1f}" if name in peak_gib else "-",
+                     f"{warmup_s[name]:.0f}"])
         results[name] = {"pairs_per_s": pps, "ms_per_step": median(step_ms[name]), "rounds": per_round[name],
-                         "pairs_per_cpu_s": median(cpu_round[name]) if cpu_round[name] else None,
-                         "cpu_rounds": cpu_round[name]}
-    headers = ["mode", "pairs/s", "ms/step", "rounds min-max", "vs model"]
-    if show_cpu:
-        headers += ["pairs/CPU-s", "vs model"]
-    print(table(headers, rows))
-    if show_cpu:
-        print("pairs/CPU-s: pairs per CPU-second of this process and its children (loader workers included); "
-              "steadier than wall time on a shared machine")
-    if cuda:
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+                         "cpu_ms_per_pair": median(cpu_ms[name]) if cpu_ms[name] else None,
+                         "cpu_cores": median(cores[name]) if cores[name] else None,
+                         "gpu_util_pct": median(gpu_util[name]) if gpu_util[name] else None,
+                         "peak_gib": peak_gib.get(name), "warmup_s": warmup_s[name]}
+    print(table(["mode", "pairs/s", "ms/step", "rounds min-max", "vs model", "CPU ms/pair", "cores",
+                 "GPU util %", "peak GiB", "warm-up s"], rows))
+    print("CPU ms/pair and cores: CPU time of this process and its children (loader workers included) per pair, "
+          "and per wall second; GPU util: NVML, mean over the mode's rounds; peak GiB: torch's allocations "
+          "(all models of the run); warm-up s includes compilation")
     out = {"args": vars(args), "machine": machine_line(args.device), "macs_per_image": macs, "results": results}
     if args.json:
         with open(args.json, "w") as f:

@@ -1,11 +1,15 @@
-"""GPU-only paths: AMP (bf16/fp16 + GradScaler), channels_last, NCCL collectives, SyncBatchNorm.
+"""GPU-only paths: AMP (bf16/fp16 + GradScaler), channels_last, NCCL collectives, SyncBatchNorm,
+split BN in channels_last, compiled encoders (inductor), fused SGD, nvJPEG decoding, GPU metrics.
 
-Skipped without CUDA (CI has none); run on a GPU machine with `python -m pytest tests/test_gpu.py`.
-Imports only torch and mocoray.core, so it also runs where Ray and MLflow are not installed.
+Skipped without CUDA (CI has none); run on a GPU machine with `python -m pytest tests/test_gpu.py`
+(benchmarks/gpu_check.sh does, first). Imports only torch/torchvision, PIL, numpy and mocoray's
+core, data and gpu_metrics modules, so it also runs where Ray, MLflow and pyarrow are not installed.
 """
 
+import io
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -13,8 +17,15 @@ import torch.distributed as dist
 
 from mocoray.core.augment import BatchAugment, moco_spec
 from mocoray.core.backbones import build_backbone
+from mocoray.core.compiled import compile_encoders, make_sgd
+from mocoray.core.crops import pad_images, resized_crops, sample_crops
 from mocoray.core.moco import Encoder, MoCo, train_step
 from mocoray.core.shuffle_bn import all_gather_batch, shuffle_batch, unshuffle_batch
+from mocoray.data.device_decode import DeviceJpegAugment
+from mocoray.data.synthetic import photo_like
+from mocoray.gpu_metrics import gpu_monitor
+from test_compiled import _tiny_moco
+from test_split_bn import _pair, _run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -73,3 +84,105 @@ def test_sync_batchnorm_mode_runs_under_nccl(nccl_group):
     x = torch.randn(32, 3, 32, 32, device="cuda")
     res = train_step(m, x, x.flip(-1), opt, None, torch.bfloat16)
     assert res.loss > 0 and int(m.queue.ptr) == 32
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_split_bn_keeps_channels_last_on_cuda_and_matches_the_reshape_reference(amp):
+    torch.manual_seed(0)
+    N, C, H, W, G = 64, 32, 14, 14, 8
+    new, ref = (m.cuda() for m in _pair(C, G))
+    x = torch.randn(N, C, H, W, device="cuda") * 2 + 0.5
+    x = (x.bfloat16() if amp else x).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(N, C, H, W, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        out, gx, gw, gb = _run(new, x, dy, amp=False)
+        r_out, r_gx, r_gw, r_gb = _run(ref, x, dy, amp=False)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    atol, rtol = (0.05, 0.02) if amp else (1e-4, 1e-4)
+    assert torch.allclose(out.float(), r_out.float(), atol=atol, rtol=rtol)
+    assert torch.allclose(gx.float(), r_gx.float(), atol=atol, rtol=rtol)
+    assert torch.allclose(gw, r_gw, atol=10 * atol, rtol=rtol) and torch.allclose(gb, r_gb, atol=10 * atol, rtol=rtol)
+    assert torch.allclose(new.running_mean, ref.running_mean, atol=1e-3)
+    assert torch.allclose(new.running_var, ref.running_var, rtol=5e-3)
+
+
+def test_inductor_compiled_encoders_match_eager_on_cuda():
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    cl = torch.channels_last
+    eager, compiled = _tiny_moco().cuda().to(memory_format=cl), _tiny_moco().cuda().to(memory_format=cl)
+    compile_encoders(compiled)
+    opts = [make_sgd(m.encoder_q.parameters(), 0.1, 0.9, 1e-4, "cuda") for m in (eager, compiled)]
+    x = torch.randn(16, 3, 12, 12, device="cuda").contiguous(memory_format=cl)
+    for step in range(3):
+        losses = []
+        for model, opt in zip((eager, compiled), opts, strict=True):
+            torch.manual_seed(100 + step)
+            losses.append(train_step(model, x, x.flip(-1).contiguous(memory_format=cl), opt).loss)
+        assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+    for a, b in zip(eager.state_dict().values(), compiled.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4)
+
+
+def test_fused_sgd_on_cuda_matches_the_multi_tensor_update():
+    torch.manual_seed(0)
+    params = [torch.randn(64, 32, device="cuda"), torch.randn(32, device="cuda")]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    finals = []
+    for device_type in ("cuda", "cpu"):  # "cpu" picks foreach: the reference update, here on the GPU
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = make_sgd(ps, 0.1, 0.9, 1e-4, device_type)
+        for g in grads:
+            for p, gi in zip(ps, g, strict=True):
+                p.grad = gi.clone()
+            opt.step()
+        finals.append(ps)
+    for a, b in zip(*finals, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def _jpeg_tensor(seed: int, size: tuple[int, int]) -> torch.Tensor:
+    buf = io.BytesIO()
+    photo_like(seed, *size).save(buf, "JPEG", quality=90)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def test_nvjpeg_batch_decode_matches_cpu_decode_and_replaces_a_truncated_file():
+    items = [_jpeg_tensor(i, size) for i, size in enumerate([(500, 375), (375, 500), (333, 250), (64, 48)])]
+    aug = DeviceJpegAugment(moco_spec("v2", 224))
+    gpu, replaced = aug.decode(items, torch.device("cuda"))
+    cpu, _ = aug.decode(items, torch.device("cpu"))
+    assert replaced == 0 and all(g.is_cuda for g in gpu)
+    for g, c in zip(gpu, cpu, strict=True):
+        assert g.shape == c.shape
+        assert (g.cpu().float() - c.float()).abs().mean() < 1.5  # IDCT implementations differ by a level or so
+    truncated = items[1][: items[1].numel() // 2].clone()
+    images, replaced = aug.decode([items[0], truncated, items[2]], torch.device("cuda"))
+    assert replaced == 1 and len(images) == 3
+    im_q, im_k, replaced = aug.two_views(items + [truncated], "cuda")
+    assert im_q.is_cuda and im_q.shape == im_k.shape == (5, 3, 224, 224) and replaced == 1
+    assert im_q.dtype == torch.float32 and torch.isfinite(im_q).all() and torch.isfinite(im_k).all()
+
+
+def test_fp16_crop_resampling_on_cuda_matches_fp32_on_cpu():
+    torch.manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in [(375, 500), (500, 333), (90, 120)]]
+    heights, widths = torch.tensor([375, 500, 90]), torch.tensor([500, 333, 120])
+    boxes = torch.stack([sample_crops(heights, widths, (0.2, 1.0)) for _ in range(2)])
+    flips = torch.tensor([[True, False, False], [False, True, False]])
+    cpu = resized_crops(pad_images(images, torch.float32), boxes, flips, 224)
+    gpu = resized_crops(pad_images([im.cuda() for im in images], torch.float16), boxes, flips, 224)
+    assert (gpu.float().cpu() - cpu).abs().max() < 0.6  # under one 8-bit level
+
+
+def test_gpu_monitor_reports_utilisation_and_memory_on_cuda():
+    monitor = gpu_monitor("cuda", interval_s=0.05).start()
+    a = torch.randn(4096, 4096, device="cuda")
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        a = (a @ a).clamp_(-1, 1)
+    torch.cuda.synchronize()
+    monitor.stop()
+    averages = monitor.epoch_averages()
+    assert averages["gpu_mem_used_gib"] > 0.05 and averages["gpu_mem_peak_allocated_gib"] > 0.05
+    assert "gpu_util_pct" in averages, "NVML (libnvidia-ml.so.1) did not load"
+    assert averages["gpu_util_pct"] > 10

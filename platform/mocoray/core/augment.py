@@ -142,14 +142,17 @@ class BatchAugment:
         y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k.view(B * C, 1, -1, 1), groups=B * C)
         return y.view(B, C, H, W)
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255)
-        x = self.crop_flip(x, gen)
+    def finish(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """Everything after the crop: colour jitter, grayscale, blur, normalisation (float in [0, 1] in)."""
         x = self.blur(self.color(x, gen), gen)
         mean = torch.tensor(self.spec.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.spec.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        return self.finish(self.crop_flip(x, gen), gen)
 
     def two_views(self, x: torch.Tensor, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self(x, gen), self(x, gen)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pickle
 import posixpath
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,18 +25,12 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..config import DataConfig
 from .base import CorruptImageError, DatasetNotFoundError, TensorImages
-from .parquet import (
-    IMAGE_EXTENSIONS,
-    ParquetImages,
-    decode_image,
-    display,
-    find_classes,
-    find_shards,
-    list_images,
-    resolve,
-)
+from .files import IMAGE_EXTENSIONS, decode_image, display, find_classes, find_shards, list_images, resolve
+
+if TYPE_CHECKING:  # neither pydantic (config) nor pyarrow (parquet) is needed for the other formats
+    from ..config import DataConfig
+    from .parquet import ParquetImages
 
 CIFAR = {
     # name: (folder of the extracted torchvision archive, train files, test files, label key,
@@ -219,13 +214,16 @@ class ImageFolderFS(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        where = display(self.fs, self.paths[i])
+    def encoded(self, i: int) -> tuple[bytes, int]:
+        """The file's bytes, undecoded, and its label (what `data.decode=gpu` loader workers serve)."""
         try:
-            data = _read_bytes(self.fs, self.paths[i])
+            return _read_bytes(self.fs, self.paths[i]), int(self.labels[i])
         except (FileNotFoundError, PermissionError) as err:  # gone/unreadable since listing: skip it too
-            raise CorruptImageError(f"{where}: {type(err).__name__}: {err}") from err
-        return decode_image(data, where), int(self.labels[i])
+            raise CorruptImageError(f"{display(self.fs, self.paths[i])}: {type(err).__name__}: {err}") from err
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        data, label = self.encoded(i)
+        return decode_image(data, display(self.fs, self.paths[i])), label
 
 
 def imagefolder_splits(root: str, val_root: str | None = None) -> tuple[ImageFolderFS, ImageFolderFS, int]:
@@ -303,6 +301,8 @@ def parquet_splits(root: str, val_root: str | None = None) -> tuple[ParquetImage
             f"data.val_root is not set and data.root={root} has no labelled val split: expected {root}/train + "
             f"{root}/val sub-folders (or train-*/validation-* shard names), or set data.val_root"
         )
+    from .parquet import ParquetImages
+
     train, val = ParquetImages(fs, train_shards), ParquetImages(fs_val, val_shards)
     if train.classes is not None and val.classes is not None and train.classes != val.classes:
         raise ValueError(

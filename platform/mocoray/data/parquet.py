@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -18,101 +17,14 @@ import pyarrow.parquet as pq
 import torch
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from torch.utils.data import Dataset
 
 from .base import CorruptImageError, DatasetNotFoundError
+from .files import decode_image, display, find_classes, find_shards, list_images, resolve
 
 log = logging.getLogger(__name__)
-
-# The same list torchvision's ImageFolder accepts, so a folder means the same thing to both.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CLASSES_KEY = b"mocoray.classes"
-
-
-def has_magic(path: str) -> bool:
-    """Whether `path` is a glob pattern."""
-    return any(c in path for c in "*?[")
-
-
-def decode_image(data: bytes | None, where: str) -> Image.Image:
-    """Encoded bytes -> PIL RGB image; any decoding failure becomes `CorruptImageError(where: reason)`."""
-    if data is None:
-        raise CorruptImageError(f"{where}: no image bytes (null)")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # decode fully now: a truncated file must fail here, not later inside a transform
-            return img.convert("RGB")
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ... for bad data
-        raise CorruptImageError(f"{where}: {type(err).__name__}: {err}") from err
-
-
-def resolve(url: str, field_name: str) -> tuple[AbstractFileSystem, str]:
-    """(filesystem, path) for a local path or URL that must exist, else `DatasetNotFoundError` naming the field."""
-    fs, path = url_to_fs(url if "://" in url else os.path.expanduser(url))
-    if not has_magic(path) and not fs.exists(path):
-        raise DatasetNotFoundError(f"{field_name}: {url} does not exist")
-    return fs, path
-
-
-def display(fs: AbstractFileSystem, path: str) -> str:
-    """A path as the user would write it: plain for local files, a URL otherwise."""
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
-
-
-def _is_dir(entry: dict) -> bool:
-    return entry.get("type") == "directory"
-
-
-def find_classes(fs: AbstractFileSystem, folder: str) -> list[str]:
-    """Sorted names of the class sub-folders of `folder` (hidden folders ignored)."""
-    names = [posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(folder, detail=True) if _is_dir(e)]
-    return sorted(n for n in names if not n.startswith("."))
-
-
-def list_images(
-    fs: AbstractFileSystem, folder: str, class_to_idx: dict[str, int], where: str
-) -> tuple[list[str], list[int], list[str]]:
-    """(image paths, labels, other files) under `folder/<class>/`, sorted by class then path.
-
-    Every class folder must be in `class_to_idx` (a val split labelled with the train split's index
-    would silently mislabel otherwise)."""
-    present = find_classes(fs, folder)
-    unknown = [c for c in present if c not in class_to_idx]
-    if unknown:
-        raise ValueError(
-            f"{where}: class folders {unknown[:10]} are not among the {len(class_to_idx)} known classes"
-        )
-    paths, labels, others = [], [], []
-    for name in present:
-        for p in sorted(fs.find(posixpath.join(folder, name))):
-            if p.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(p)
-                labels.append(class_to_idx[name])
-            else:
-                others.append(p)
-    return paths, labels, others
-
-
-def find_shards(fs: AbstractFileSystem, path: str, url: str, field_name: str) -> list[str]:
-    """Parquet files named by `path`: one file, a glob, or every `*.parquet` under a folder."""
-    if has_magic(path):
-        shards = sorted(p for p in fs.glob(path) if fs.isfile(p))
-        if not shards:
-            raise DatasetNotFoundError(f"{field_name}: {url} matches no files")
-        return shards
-    if fs.isfile(path):
-        return [path]
-    # Spark/Hive write _SUCCESS, _metadata and .crc files next to the shards: not data.
-    shards = sorted(
-        p
-        for p in fs.find(path)
-        if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", "."))
-    )
-    if not shards:
-        raise DatasetNotFoundError(f"{field_name}: no Parquet shards (*.parquet) under {url}")
-    return shards
 
 
 def _classes_from_metadata(metadata: dict[bytes, bytes] | None) -> list[str] | None:
@@ -189,10 +101,18 @@ class ParquetImages(Dataset):
         shard = int(np.searchsorted(self._offsets, i, side="right")) - 1
         return shard, i - int(self._offsets[shard])
 
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+    def encoded(self, i: int) -> tuple[bytes, int]:
+        """The row's image bytes, undecoded, and its label (what `data.decode=gpu` loader workers serve)."""
         shard, row = self.locate(i)
         data = self._images[shard][row].as_py()
-        return decode_image(data, f"{self.shards[shard]} row {row}"), int(self.labels[i])
+        if data is None:
+            raise CorruptImageError(f"{self.shards[shard]} row {row}: no image bytes (null)")
+        return data, int(self.labels[i])
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        data, label = self.encoded(i)
+        shard, row = self.locate(i)
+        return decode_image(data, f"{self.shards[shard]} row {row}"), label
 
 
 @dataclass

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The whole GPU check of issue 17 in one script, for a lent H100/H200 (one GPU; about 6 minutes, every
+# step capped by `timeout`: 120 + 180 + 230 + 45 s = 9.6 minutes at the very most):
+#   1. the GPU tests (tests/test_gpu.py) and the CPU tests of the same pieces;
+#   2. ResNet-50, 224 px, batch 256, K 65536, bf16, channels_last, in ONE run of step_throughput.py:
+#      model-only with split BN (the one-GPU default) and with plain BN, end to end from JPEG files
+#      with data.decode gpu (3 loader workers) and cpu (all but 2 cores as workers), and the device
+#      decode+augment alone;
+#   3. torch.compile against eager (second run: compilation takes a while), of the encoders and of the
+#      device colour/blur stage;
+#   4. the BN layers alone (split vs plain per layout), to explain the split-BN figure;
+#   5. a Markdown table for benchmarks/README.md naming the card.
+# Usage, from the repository root:  bash benchmarks/gpu_check.sh   (log and JSON go to $OUT, default /tmp/mocoray_gpu_check)
+# DRY_RUN=1 runs the same steps on the CPU with tiny settings (a check of the script itself, ~3 minutes).
+# Needs python3 with torch + torchvision (CUDA), numpy, PIL, fsspec; pytest (tests are skipped without it);
+# no network, no Ray/MLflow/pydantic/pyarrow.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/platform" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+OUT="${OUT:-${TMPDIR:-/tmp}/mocoray_gpu_check}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+WORKERS=$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))
+log() { echo; echo "== $(date +%T) $*"; }
+
+B="$PY benchmarks/step_throughput.py --device cuda --arch resnet50 --image-size 224 --data synthetic \
+--batch 256 --queue 65536 --amp bf16 --channels-last"
+JPEG="--jpeg-images 512 --rounds 3 --steps 6"
+COMPILE="--rounds 3 --steps 8"
+TESTS="tests/test_gpu.py tests/test_split_bn.py tests/test_compiled.py tests/test_gpu_metrics.py"
+BN="--device cuda --batch 256 --amp bf16"
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  B="$PY benchmarks/step_throughput.py --device cpu --arch small_resnet --image-size 64 --data synthetic \
+--batch 16 --queue 256"
+  JPEG="--jpeg-images 32 --rounds 1 --steps 1 --warmup 1"
+  COMPILE="--rounds 1 --steps 1 --warmup 1 --compile-backend aot_eager"  # inductor takes minutes on a CPU
+  TESTS="tests/test_gpu.py"
+  BN="--device cpu --arch resnet18 --image-size 32 --batch 16 --iters 1 --amp none"
+  WORKERS=1
+fi
+
+{
+  nvidia-smi -L
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  $PY -c "import sys, torch, torchvision; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+'torchvision', torchvision.__version__, 'CUDA', torch.version.cuda, 'cores', __import__('os').cpu_count())"
+  $PY -c "import sys, mocoray.data.device_decode, mocoray.data.external, mocoray.gpu_metrics, mocoray.core.compiled; \
+print('ray/mlflow/pydantic/pyarrow imported:', sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'pydantic', 'pyarrow'}))"
+
+  log "1. tests"
+  if $PY -c "import pytest" 2>/dev/null; then
+    [ "${DRY_RUN:-0}" != 1 ] && $PY -c "import pyarrow" 2>/dev/null && TESTS="$TESTS tests/test_device_decode.py"
+    timeout 120 $PY -m pytest -q -p no:cacheprovider -rs --durations=5 -W ignore::DeprecationWarning $TESTS
+  else
+    echo "pytest is not installed here: tests skipped"
+  fi
+
+  log "2. model-only (split, plain) and end to end from JPEG files (gpu / cpu decode)"
+  timeout 180 $B --modes "model,model+plain,jpeg-gpu:3,jpeg-cpu:$WORKERS,jpeg-augment" $JPEG --json "$OUT/e2e.json"
+
+  log "3. torch.compile vs eager (split BN, the one-GPU default; device augmentation)"
+  timeout 230 $B --modes "model,model+compile,jpeg-augment,jpeg-augment+compile" $COMPILE --json "$OUT/compile.json"
+
+  log "4. BN layers alone"
+  timeout 45 $PY benchmarks/split_bn.py $BN
+
+  log "5. table for benchmarks/README.md"
+  $PY - "$OUT/e2e.json" "$OUT/compile.json" <<'EOF'
+import json, sys
+
+runs = []
+for path in sys.argv[1:]:
+    try:
+        with open(path) as f:
+            runs.append(json.load(f))
+    except (OSError, ValueError):
+        runs.append(None)
+e2e, comp = runs
+ref = e2e or comp
+if ref is None:
+    sys.exit("no results to tabulate")
+card = ref["machine"].split(",")[0]
+print(f"card: {card}; {ref['machine']}")
+a = ref["args"]
+print(f"{a['arch']}, {a['image_size']} px, batch {a['batch']}, K {a['queue']}, dim {a['dim']}, {a['version']}, "
+      f"amp {a['amp']}, channels_last {a['channels_last']}, fused SGD on CUDA, one device\n")
+print("| run | mode | pairs/s | ms/step | vs reference | CPU ms/pair | CPU cores | GPU util % | goal |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+def row(run, name, mode, ref_mode, ref_label, goal):
+    if run is None or mode not in run["results"]:
+        print(f"| {name} | `{mode}` | not measured | | | | | | {goal} |")
+        return
+    r = run["results"][mode]
+    ratio = ""
+    if ref_mode and ref_mode in run["results"]:
+        ratio = f"{r['pairs_per_s'] / run['results'][ref_mode]['pairs_per_s']:.2f}x {ref_label}"
+    cpu = f"{r['cpu_ms_per_pair']:.2f}" if r["cpu_ms_per_pair"] is not None else "-"
+    cores = f"{r['cpu_cores']:.1f}" if r["cpu_cores"] is not None else "-"
+    util = f"{r['gpu_util_pct']:.0f}" if r["gpu_util_pct"] is not None else "-"
+    print(f"| {name} | `{mode}` | {r['pairs_per_s']:.0f} | {r['ms_per_step']:.1f} | {ratio} | {cpu} | {cores} | {util} | {goal} |")
+
+row(e2e, "A", "model+plain", None, "", "model-only >= 3,500")
+row(e2e, "A", "model", "model+plain", "plain BN", "split >= 0.9x plain BN")
+row(e2e, "A", "jpeg-gpu:3", "model", "model-only (split)", ">= 0.9x model-only, <= 4 cores")
+cpu_mode = next((m for m in (e2e or {"results": {}})["results"] if m.startswith("jpeg-cpu")), "jpeg-cpu")
+row(e2e, "A", cpu_mode, "model", "model-only (split)", "reported beside gpu decode")
+row(e2e, "A", "jpeg-augment", None, "", "decode + both views alone")
+row(comp, "B", "model", None, "", "eager reference of run B")
+row(comp, "B", "model+compile", "model", "eager", "default on where it wins")
+row(comp, "B", "jpeg-augment", None, "", "decode + both views alone, eager")
+row(comp, "B", "jpeg-augment+compile", "jpeg-augment", "eager", "colour/blur stage compiled")
+if comp and "model+compile" in comp["results"]:
+    print(f"\nrun B warm-up ({comp['args']['warmup']} steps, includes compilation): "
+          f"{comp['results']['model+compile']['warmup_s']:.0f} s "
+          f"compiled, {comp['results']['model']['warmup_s']:.0f} s eager")
+EOF
+} 2>&1 | tee "$OUT/gpu_check.log"
