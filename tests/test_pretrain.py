@@ -139,23 +139,27 @@ def test_missing_dataset_path_is_named_before_anything_starts(tmp_path):
     assert time.time() - t0 < 10  # failed on the driver, before Ray or MLflow did anything
 
 
-def _png(color: int) -> bytes:
+def _image(color: int, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (20, 20), (color, 255 - color, (color * 7) % 256)).save(buf, format="PNG")
+    Image.new("RGB", (20 + color % 7, 20), (color, 255 - color, (color * 7) % 256)).save(buf, format=fmt)
     return buf.getvalue()
 
 
-def test_corrupt_image_in_an_imagefolder_is_skipped_and_counted(ray_session, tmp_path):
+@pytest.mark.parametrize("decode, fmt", [("cpu", "PNG"), ("gpu", "JPEG")])
+def test_corrupt_image_in_an_imagefolder_is_skipped_and_counted(ray_session, tmp_path, decode, fmt):
     root = tmp_path / "folder"
+    ext = fmt.lower()
     for split, n in (("train", 16), ("val", 4)):
         for cls in ("a", "b"):
             d = root / split / cls
             d.mkdir(parents=True)
             for i in range(n):
-                (d / f"{i}.png").write_bytes(_png(i * 13 + (cls == "b") * 100))
-    (root / "train" / "a" / "3.png").write_bytes(b"this is not a png")
+                (d / f"{i}.{ext}").write_bytes(_image(i * 13 + (cls == "b") * 100, fmt))
+    (root / "train" / "a" / f"3.{ext}").write_bytes(b"this is not an image")
+    # data.decode=gpu runs its device path on the CPU here: bytes from the loader, decode + views in the worker
     cfg = load_config(None, tiny_pretrain_overrides(tmp_path, "corrupt", **{
-        "data.name": "imagefolder", "data.root": str(root), "optim.epochs": 1, "optim.batch_size": 16}))
+        "data.name": "imagefolder", "data.root": str(root), "optim.epochs": 1, "optim.batch_size": 16,
+        "data.decode": decode}))
     res = run_pretrain(cfg)
     assert res.status == "completed"
     assert res.metrics["corrupt_images_skipped"] == 1  # 32 images, 2 full batches: the bad one is in one

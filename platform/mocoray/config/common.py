@@ -59,6 +59,7 @@ class RunConfig(Section):
     max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = unlimited")
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile the encoders (worth it on GPUs for long runs)")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (default: its CPUs)")
 
 

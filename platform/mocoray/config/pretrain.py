@@ -39,6 +39,17 @@ class PretrainDataConfig(DataConfig):
 
     blur: bool | None = Field(None, description="Gaussian blur in v2 augmentation; default: on above 64 px")
     crop_min_scale: float = Field(0.2, gt=0.0, le=1.0)
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu", description="gpu: loader workers only read JPEG bytes; the training process decodes them "
+        "(nvJPEG on a GPU) and makes both views on its device (imagefolder/parquet; data.augment is then unused)"
+    )
+
+    @model_validator(mode="after")
+    def _decode_source(self) -> PretrainDataConfig:
+        if self.decode == "gpu" and self.name not in ("imagefolder", "parquet"):
+            raise ValueError(f"data.decode='gpu' reads encoded image files: it needs data.name imagefolder or "
+                             f"parquet, not {self.name!r} (whose images are already decoded in memory)")
+        return self
 
 
 class OptimConfig(SGDConfig):

@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .base import CorruptImageError, DatasetNotFoundError
-from .files import decode_image, display, find_classes, find_shards, list_images, resolve
+from .files import decode_image, display, find_classes, list_images, resolve
 
 log = logging.getLogger(__name__)
 CLASSES_KEY = b"mocoray.classes"

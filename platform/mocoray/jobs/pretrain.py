@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from ..config import PretrainConfig, flatten
 from ..core.amp import AMP_DTYPES
 from ..core.augment import BatchAugment, moco_spec, two_view_transform
 from ..core.backbones import build_backbone
+from ..core.compiled import compile_encoders, make_sgd
 from ..core.distributed import all_reduce_sum
 from ..core.features import extract_features
 from ..core.knn import knn_top1
@@ -29,7 +31,9 @@ from ..core.schedule import lr_at
 from ..core.shuffle_bn import resolve_bn_mode
 from ..data import PretrainData, build_pretrain_data, check_paths, image_batches
 from ..data.base import Resized, SkipCorrupt, TensorImages, Transformed, collate_batch
+from ..data.device_decode import DeviceJpegAugment, collate_encoded, encoded_train_dataset
 from ..encoders import export_backbone
+from ..gpu_metrics import gpu_monitor
 from ..tracking import (
     BACKBONE_TAG,
     CHECKPOINT_TAG,
@@ -57,8 +61,12 @@ def build_moco(cfg: PretrainConfig, bn_mode: str) -> MoCo:
 
 
 def train_loader(cfg: PretrainConfig, dataset, rank: int, world: int) -> tuple[DataLoader, DistributedSampler]:
-    """Batches of uint8 images (device augmentation) or of two augmented views (loader augmentation)."""
-    if cfg.data.augment == "loader":
+    """Batches of encoded files (GPU decode), uint8 images (device augmentation) or of two augmented views
+    (loader augmentation)."""
+    collate = collate_batch
+    if cfg.data.decode == "gpu":
+        dataset, collate = encoded_train_dataset(dataset), collate_encoded
+    elif cfg.data.augment == "loader":
         spec = moco_spec(cfg.moco.version, cfg.data.image_size, cfg.data.blur, (cfg.data.crop_min_scale, 1.0))
         dataset = Transformed(SkipCorrupt(dataset), two_view_transform(spec))
     elif not isinstance(dataset, TensorImages):
@@ -70,11 +78,25 @@ def train_loader(cfg: PretrainConfig, dataset, rank: int, world: int) -> tuple[D
         sampler=sampler,
         drop_last=True,
         num_workers=cfg.data.loader_workers,
-        collate_fn=collate_batch,
+        collate_fn=collate,
         pin_memory=cfg.run.use_gpu,
         persistent_workers=cfg.data.loader_workers > 0,
     )
     return loader, sampler
+
+
+TwoViews = Callable[[Any, torch.device], tuple[torch.Tensor, torch.Tensor, int]]
+
+
+def two_views(cfg: PretrainConfig) -> TwoViews:
+    """batch -> (im_q, im_k, images replaced) on the device, for whatever `train_loader` serves."""
+    spec = moco_spec(cfg.moco.version, cfg.data.image_size, cfg.data.blur, (cfg.data.crop_min_scale, 1.0))
+    if cfg.data.decode == "gpu":
+        return DeviceJpegAugment(spec).two_views
+    if cfg.data.augment == "device":
+        augment = BatchAugment(spec)
+        return lambda x, device: (*augment.two_views(x.to(device, non_blocking=True)), 0)
+    return lambda x, device: (x[0].to(device, non_blocking=True), x[1].to(device, non_blocking=True), 0)
 
 
 @dataclass
@@ -97,7 +119,7 @@ class EpochStats:
     corrupt_images_skipped: int = 0
 
 
-def train_one_epoch(model, loader, optimizer, scaler, augment: BatchAugment | None, cfg: PretrainConfig,
+def train_one_epoch(model, loader, optimizer, scaler, views: TwoViews, cfg: PretrainConfig,
                     epoch: int, state: TrainState, device: torch.device, channels_last: bool, rank: int,
                     faults: Faults) -> EpochStats:
     """One epoch of MoCo steps; raises NonFiniteLossError on every rank at once if the loss blows up."""
@@ -112,15 +134,12 @@ def train_one_epoch(model, loader, optimizer, scaler, augment: BatchAugment | No
     for i, (x, _labels, n_skipped) in enumerate(loader):
         if i == 1:
             faults.maybe_crash(epoch, rank)
-        skipped += int(n_skipped)
         cur_lr = lr_at(epoch + i / steps, lr, cfg.optim.epochs, cfg.optim.schedule, cfg.optim.warmup_epochs,
                        cfg.optim.milestones, cfg.optim.gamma)
         for group in optimizer.param_groups:
             group["lr"] = cur_lr
-        if augment is not None:
-            im_q, im_k = augment.two_views(x.to(device, non_blocking=True))
-        else:
-            im_q, im_k = x[0].to(device, non_blocking=True), x[1].to(device, non_blocking=True)
+        im_q, im_k, replaced = views(x, device)
+        skipped += int(n_skipped) + replaced
         if channels_last:
             im_q = im_q.contiguous(memory_format=torch.channels_last)
             im_k = im_k.contiguous(memory_format=torch.channels_last)
@@ -152,6 +171,39 @@ def evaluate_knn(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainCon
     bank_f, bank_y = features(bank)
     val_f, val_y = features(data.knn_val)
     return knn_top1(bank_f, bank_y, val_f, val_y, cfg.knn.k, cfg.knn.temperature)
+
+
+def epoch_metrics(state: TrainState, stats: EpochStats, cfg: PretrainConfig, epoch_time_s: float) -> dict:
+    return {
+        "epoch": state.epoch,
+        "loss": stats.loss,
+        "contrastive_acc": stats.contrastive_acc,
+        "knn_top1": state.knn_top1_last,
+        "knn_top1_init": state.knn_top1_init,
+        "knn_margin": state.knn_top1_last - state.knn_top1_init,
+        "lr": stats.lr,
+        "pairs_per_s": stats.steps * cfg.optim.batch_size / stats.train_time_s,
+        "epoch_time_s": epoch_time_s,  # training and kNN
+        "corrupt_images_skipped": stats.corrupt_images_skipped,
+    }
+
+
+def epoch_line(m: dict, cfg: PretrainConfig) -> str:
+    return (f"epoch {m['epoch']}/{cfg.optim.epochs}  loss {m['loss']:.4f}  acc {m['contrastive_acc']:.3f}  "
+            f"kNN {m['knn_top1']:.4f} ({m['knn_margin']:+.4f} vs init)  lr {m['lr']:.4g}  "
+            f"{m['pairs_per_s']:.0f} pairs/s  {m['epoch_time_s']:.1f}s")
+
+
+def report_nonfinite_loss(err: NonFiniteLossError, epoch: int, state: TrainState, rank: int, status_url: str,
+                          logger: MetricLogger | None) -> None:
+    """Every rank raised at the same step (the check is all-reduced). No checkpoint is written from here on:
+    the last good one stays the run's latest."""
+    if rank == 0:
+        runtime.write_status(status_url, {"status": "nonfinite_loss", "epoch": epoch + 1, "step": state.global_step,
+                                          "message": str(err)})
+        if logger:
+            logger.tags({STATUS_TAG: "nonfinite_loss"})
+        runtime.console(f"stopping: {err} at epoch {epoch + 1}, step {state.global_step}")
 
 
 def save_checkpoint(model, optimizer, scaler, state: TrainState, cfg: PretrainConfig, metrics: dict, rank: int,
@@ -209,16 +261,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)  # identical initial model and queue on every rank
     model = build_moco(cfg, bn_mode).to(device)
     channels_last = cfg.run.channels_last
-    if channels_last and bn_mode == "split":
-        # SplitBatchNorm reshapes to (N/G, C*G, H, W), which drops NHWC: measured on an H100
-        # (ResNet-50, bf16, 224 px) 1008 pairs/s with channels_last against 1661 without.
-        channels_last = False
-        if rank == 0:
-            runtime.console("run.channels_last ignored: bn_mode resolved to 'split', which runs faster in NCHW")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.optim.effective_lr,
-                                momentum=cfg.optim.sgd_momentum, weight_decay=cfg.optim.weight_decay)
+    if cfg.run.compile:
+        compile_encoders(model)
+    optimizer = make_sgd(model.encoder_q.parameters(), cfg.optim.effective_lr, cfg.optim.sgd_momentum,
+                         cfg.optim.weight_decay, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16" and device.type == "cuda")
     torch.manual_seed(cfg.run.seed * 1000 + 1 + rank)  # augmentation randomness differs per rank
 
@@ -235,10 +283,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loader, sampler = train_loader(cfg, data.train, rank, world)
     if len(loader) == 0:
         raise ValueError(f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(data.train)} training images")
-    augment = None
-    if cfg.data.augment == "device":
-        augment = BatchAugment(moco_spec(cfg.moco.version, cfg.data.image_size, cfg.data.blur,
-                                         (cfg.data.crop_min_scale, 1.0)))
+    views = two_views(cfg)
     logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
     backbone = unwrap(model).encoder_q.backbone
 
@@ -250,47 +295,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             runtime.console(f"{cfg.model.arch}, bn_mode {bn_mode} ({cfg.moco.bn_mode} requested), {world} worker(s), "
                     f"{len(data.train)} images, {len(loader)} steps/epoch; kNN top-1 at init {state.knn_top1_init:.4f}")
 
-    for epoch in range(state.epoch, cfg.optim.epochs):
-        sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        try:
-            stats = train_one_epoch(model, loader, optimizer, scaler, augment, cfg, epoch, state, device,
-                                    channels_last, rank, faults)
-        except NonFiniteLossError as err:
-            # Every rank raises at the same step (the check is all-reduced). No checkpoint is written
-            # from here on: the last good one stays the run's latest.
-            if rank == 0:
-                runtime.write_status(loop_config["status_url"], {"status": "nonfinite_loss", "epoch": epoch + 1,
-                                                          "step": state.global_step, "message": str(err)})
-                if logger:
-                    logger.tags({STATUS_TAG: "nonfinite_loss"})
-                runtime.console(f"stopping: {err} at epoch {epoch + 1}, step {state.global_step}")
-            return
-        state.epoch = epoch + 1
-        last = state.epoch == cfg.optim.epochs
-        if state.epoch % cfg.knn.every == 0 or last:
-            state.knn_top1_last = evaluate_knn(backbone, data, cfg, device, channels_last)
-        metrics = {
-            "epoch": state.epoch,
-            "loss": stats.loss,
-            "contrastive_acc": stats.contrastive_acc,
-            "knn_top1": state.knn_top1_last,
-            "knn_top1_init": state.knn_top1_init,
-            "knn_margin": state.knn_top1_last - state.knn_top1_init,
-            "lr": stats.lr,
-            "pairs_per_s": stats.steps * cfg.optim.batch_size / stats.train_time_s,
-            "epoch_time_s": time.perf_counter() - t0,  # training and kNN
-            "corrupt_images_skipped": stats.corrupt_images_skipped,
-        }
-        if logger:
-            logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
-            runtime.console(f"epoch {state.epoch}/{cfg.optim.epochs}  loss {stats.loss:.4f}  acc {stats.contrastive_acc:.3f}  "
-                    f"kNN {state.knn_top1_last:.4f} ({metrics['knn_margin']:+.4f} vs init)  lr {stats.lr:.4g}  "
-                    f"{metrics['pairs_per_s']:.0f} pairs/s  {metrics['epoch_time_s']:.1f}s")
-        if state.epoch % cfg.run.checkpoint_every == 0 or last:
-            save_checkpoint(model, optimizer, scaler, state, cfg, metrics, rank, world, bn_mode, state.epoch)
-        else:
-            ray.train.report(metrics)
+    with gpu_monitor(device) as monitor:  # GPU utilisation and memory next to pairs/s (nothing on CPUs)
+        for epoch in range(state.epoch, cfg.optim.epochs):
+            sampler.set_epoch(epoch)
+            t0 = time.perf_counter()
+            try:
+                stats = train_one_epoch(model, loader, optimizer, scaler, views, cfg, epoch, state, device,
+                                        channels_last, rank, faults)
+            except NonFiniteLossError as err:
+                report_nonfinite_loss(err, epoch, state, rank, loop_config["status_url"], logger)
+                return
+            state.epoch = epoch + 1
+            last = state.epoch == cfg.optim.epochs
+            if state.epoch % cfg.knn.every == 0 or last:
+                state.knn_top1_last = evaluate_knn(backbone, data, cfg, device, channels_last)
+            metrics = epoch_metrics(state, stats, cfg, time.perf_counter() - t0) | monitor.epoch_averages()
+            if logger:
+                logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
+                runtime.console(epoch_line(metrics, cfg))
+            if state.epoch % cfg.run.checkpoint_every == 0 or last:
+                save_checkpoint(model, optimizer, scaler, state, cfg, metrics, rank, world, bn_mode, state.epoch)
+            else:
+                ray.train.report(metrics)
     if rank == 0:
         runtime.write_status(loop_config["status_url"], {"status": "completed", "epoch": cfg.optim.epochs,
                                                   "step": state.global_step})
