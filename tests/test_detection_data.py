@@ -90,6 +90,7 @@ def test_voc_concatenates_sets_with_continuous_boxes_labels_and_difficult_flags(
     assert [ds[i][1]["image_id"] for i in range(3)] == [0, 1, 2]
     assert ds[2][1]["labels"].tolist() == [20]  # the 2012 image without <size>: read from the JPEG header
     assert ds.counts.per_source == {"2007-trainval": 2, "2012-trainval": 1}
+    assert ds.counts.as_dict()["images.2012-trainval"] == 1
     assert ds.counts.images_empty == 0 and ds.counts.boxes == 4
 
 

@@ -46,7 +46,7 @@ class AnnotationCounts:
     def as_dict(self) -> dict[str, int]:
         out = asdict(self)
         per_source = out.pop("per_source")
-        out.update({f"images[{k}]": v for k, v in per_source.items()})
+        out.update({f"images.{k}": v for k, v in per_source.items()})  # names MLflow accepts as metric keys
         return out
 
 
@@ -128,7 +128,7 @@ def finish_records(
     counts.boxes = sum(r.boxes.shape[0] for r in kept)
     if not kept:
         raise ValueError(f"{where}: no usable image left (counts: {counts.as_dict()})")
-    dropped = {k: v for k, v in counts.as_dict().items() if v and k not in ("images", "boxes") and "[" not in k}
+    dropped = {k: v for k, v in counts.as_dict().items() if v and k not in ("images", "boxes") and "." not in k}
     if dropped:
         log.warning("%s: %s", where, ", ".join(f"{k}={v}" for k, v in dropped.items()))
     return kept

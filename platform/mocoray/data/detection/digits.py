@@ -15,6 +15,8 @@ a few images per second (see benchmarks/detection_throughput.py).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -47,33 +49,44 @@ def _first_true(mask: torch.Tensor) -> torch.Tensor:
 
 
 class GlyphBank:
-    """Every source digit resized to every size in SIZE_RANGE at once, with its ink box (batched: a
-    per-placement resize would dominate the dataset's build time)."""
+    """One split's source digits resized to every size in SIZE_RANGE, as uint8 (what the canvas stores),
+    with their ink boxes. Batched, and built once per split per process (`split_bank`): resizing per
+    placement would dominate the dataset's build time."""
 
     def __init__(self, sources: torch.Tensor, labels: torch.Tensor, source_ids: torch.Tensor) -> None:
         self.labels, self.source_ids = labels, source_ids
         self.glyphs: dict[int, torch.Tensor] = {}
         self.ink_boxes: dict[int, np.ndarray] = {}
         for size in range(SIZE_RANGE[0], SIZE_RANGE[1] + 1):
-            g = F.interpolate(sources[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-            g = g.clamp(0, 1)
-            ink = (g * 255).round() > 0  # nonzero once stored as uint8: the ink a viewer sees
+            g = F.interpolate(sources[:, None], size=(size, size), mode="bilinear", align_corners=False)
+            # quantised like every scattered-digits image; since rounding keeps order, the max of
+            # quantised glyphs on the canvas equals the quantised max of the float ones
+            glyphs = _to_uint8_rgb(g[:, 0])[:, 0].contiguous()
+            ink = glyphs > 0  # the ink a viewer sees
             rows, cols = ink.any(2), ink.any(1)  # n x size each
             x0, y0 = _first_true(cols), _first_true(rows)
             x1, y1 = size - _first_true(cols.flip(1)), size - _first_true(rows.flip(1))
-            self.glyphs[size] = g
+            self.glyphs[size] = glyphs
             self.ink_boxes[size] = torch.stack([x0, y0, x1, y1], dim=1).numpy().astype(np.float32)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
 
+@functools.lru_cache(maxsize=2)
+def split_bank(split: str) -> GlyphBank:
+    """The glyphs of the `train` or `val` source digits (the split of `scattered-digits`)."""
+    images, labels = _source_digits()
+    train_src, val_src = _split_sources(images.shape[0])
+    src = {"train": train_src, "val": val_src}[split]
+    return GlyphBank(images[src], labels[src], src)
+
+
 def render_canvas(
     bank: GlyphBank, rng: np.random.Generator, canvas: int, max_digits: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gray canvas float H x W in [0, 1], boxes float32 N x 4, labels int64 N in 1..10, source digit
-    ids N) for one image."""
-    gray = torch.zeros(canvas, canvas)
+    """(uint8 canvas H x W, boxes float32 N x 4, labels int64 N in 1..10, source digit ids N) for one image."""
+    gray = torch.zeros(canvas, canvas, dtype=torch.uint8)
     boxes: list[np.ndarray] = []
     out_labels: list[int] = []
     sources: list[int] = []
@@ -95,16 +108,13 @@ def render_canvas(
 
 
 class ScatteredDigitsDet(Dataset):
-    """`(uint8 3 x canvas x canvas, target)` items rendered once from `sources`, deterministic in `seed`.
+    """`(uint8 3 x canvas x canvas, target)` items rendered once from a split's glyphs, deterministic in `seed`.
 
-    `source_ids` name the source digits (indices into scikit-learn's set); `box_sources[i]` says which
-    one each box of image i shows."""
+    `box_sources[i]` names the source digit (an index into scikit-learn's set) each box of image i shows."""
 
     def __init__(
         self,
-        sources: torch.Tensor,
-        labels: torch.Tensor,
-        source_ids: torch.Tensor,
+        bank: GlyphBank,
         num_images: int,
         seed: tuple[int, ...],
         canvas: int = CANVAS,
@@ -118,7 +128,6 @@ class ScatteredDigitsDet(Dataset):
         if num_images < 1:
             raise ValueError(f"num_images={num_images} must be at least 1")
         rng = np.random.default_rng(list(seed))
-        bank = GlyphBank(sources, labels, source_ids)
         grays, self.boxes, self.labels, self.box_sources = [], [], [], []
         for _ in range(num_images):
             gray, boxes, labs, srcs = render_canvas(bank, rng, canvas, max_digits)
@@ -126,7 +135,7 @@ class ScatteredDigitsDet(Dataset):
             self.boxes.append(boxes)
             self.labels.append(labs)
             self.box_sources.append(srcs)
-        self.images = _to_uint8_rgb(torch.stack(grays))
+        self.images = torch.stack(grays)[:, None].expand(-1, 3, -1, -1).contiguous()
         self.classes, self.num_classes = list(CLASSES), len(CLASSES)
         self.transform = transform
         self.counts = AnnotationCounts(images=num_images, boxes=sum(b.shape[0] for b in self.boxes))
@@ -154,9 +163,6 @@ def scattered_digits_det(
     """(train, val) canvases; train draws digits only from the train sources, val from the val sources.
 
     `transform` applies to the train split only."""
-    images, labels = _source_digits()
-    train_src, val_src = _split_sources(images.shape[0])
-    train = ScatteredDigitsDet(images[train_src], labels[train_src], train_src, train_images, (seed, 0), canvas,
-                               max_digits, transform)
-    val = ScatteredDigitsDet(images[val_src], labels[val_src], val_src, val_images, (seed, 1), canvas, max_digits)
+    train = ScatteredDigitsDet(split_bank("train"), train_images, (seed, 0), canvas, max_digits, transform)
+    val = ScatteredDigitsDet(split_bank("val"), val_images, (seed, 1), canvas, max_digits)
     return train, val
