@@ -54,7 +54,8 @@ def test_a_higher_scored_false_positive_lowers_ap_by_the_hand_computed_amount() 
     # COCO, 101 recall points 0, 0.01, .., 1: the interpolated precision is 1 up to recall 0.50 (51
     # points) and 2/3 above (50 points): (51 + 50 * 2/3) / 101 = 253 / 303 = 0.83498. The same at every
     # IoU threshold (the boxes are exact), so AP = AP50 = AP75.
-    assert coco_metrics(truth, predictions) == pytest.approx({"AP": 253 / 303, "AP50": 253 / 303, "AP75": 253 / 303})
+    expected = 253 / 303
+    assert coco_metrics(truth, predictions) == pytest.approx({"AP": expected, "AP50": expected, "AP75": expected})
     # VOC07, 11 recall points 0, 0.1, .., 1: 1 for 0..0.5 (6 points), 2/3 for 0.6..1 (5): 28/33 = 0.84848
     assert voc07_ap(truth, predictions)[0] == pytest.approx((6 + 5 * 2 / 3) / 11)
     # without the false positive both are 1

@@ -32,7 +32,9 @@ def expected_names(blocks: tuple[int, ...], convs: int, first_stage_has_shortcut
     ("resnet50", (3, 4, 6, 3), 3, True),  # bottlenecks widen 64 -> 256 in res2 already
     ("resnet18", (2, 2, 2, 2), 2, False),
 ])
-def test_every_key_maps_to_detectron2_names_with_shapes_and_values_kept(arch, blocks, convs, res2_shortcut) -> None:
+def test_every_key_maps_to_detectron2_names_with_shapes_and_values_kept(
+    arch, blocks, convs, res2_shortcut
+) -> None:
     net, _ = build_backbone(arch)
     state = net.state_dict()
     exported = to_detectron2(state)

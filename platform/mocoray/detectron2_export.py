@@ -1,4 +1,4 @@
-"""A torchvision ResNet backbone state_dict in detectron2's key layout, as MoCo's official converter writes it.
+"""A torchvision ResNet backbone state_dict in detectron2's key layout (as MoCo's official converter writes).
 
 torchvision -> detectron2:
 
@@ -61,8 +61,8 @@ def to_detectron2(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
                          "ResNets: 7x7 stem and four stages); export a resnet18/34/50/101 encoder instead")
     stem = state.get("conv1.weight")
     if stem is not None and tuple(stem.shape[-2:]) != (7, 7):
-        raise ValueError(f"conv1.weight is {tuple(stem.shape[-2:])} (a CIFAR stem); detectron2's ResNet stem is a "
-                         "7x7/2 conv + max-pool, so this encoder cannot be loaded there")
+        raise ValueError(f"conv1.weight is {tuple(stem.shape[-2:])} (a CIFAR stem); detectron2's ResNet stem "
+                         "is a 7x7/2 conv + max-pool, so this encoder cannot be loaded there")
     out = {}
     for key, value in state.items():
         if key.startswith("fc.") or key.endswith("num_batches_tracked"):

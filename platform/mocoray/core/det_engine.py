@@ -74,9 +74,10 @@ def train_one_epoch(
             [count_nonfinite_ranks(loss), loss.detach(), *(v.detach().float() for v in loss_dict.values())]
         ).tolist()
         if bad:
+            named = dict(zip(["total", *loss_dict], values, strict=True))
             raise NonFiniteLossError(f"detection loss is non-finite on {int(bad)} rank(s) at step "
-                                     f"{result.global_step} ({dict(zip(['total', *loss_dict], values, strict=True))}); stopping "
-                                     "before it reaches the weights")
+                                     f"{result.global_step} ({named}); stopping before it reaches the "
+                                     "weights")
         optimizer.zero_grad(set_to_none=True)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if scaler is not None and scaler.is_enabled():
@@ -121,6 +122,7 @@ def evaluate(
             outputs = model(inputs)
         for target, out in zip(targets, outputs, strict=True):
             image_id = int(target["image_id"])
-            predictions[image_id] = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
+            predictions[image_id] = {k: v.float().cpu() if v.is_floating_point() else v.cpu()
+                                     for k, v in out.items()}
             ground_truth[image_id] = target
     return predictions, ground_truth

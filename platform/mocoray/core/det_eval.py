@@ -43,7 +43,8 @@ def _xywh(boxes: torch.Tensor) -> list[list[float]]:
 
 
 def coco_metrics(ground_truth: Mapping[int, Mapping], predictions: Mapping[int, Mapping]) -> dict[str, float]:
-    """{"AP": AP at IoU 0.50:0.95, "AP50", "AP75"} by pycocotools' COCOeval (bbox, all areas, 100 detections)."""
+    """{"AP": AP at IoU 0.50:0.95, "AP50", "AP75"} by pycocotools' COCOeval (bbox, all areas, 100
+    detections per image)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -53,13 +54,16 @@ def coco_metrics(ground_truth: Mapping[int, Mapping], predictions: Mapping[int, 
         crowd = _ignored(t).tolist()
         for box, label, is_crowd in zip(_xywh(t["boxes"]), t["labels"].tolist(), crowd, strict=True):
             # ids start at 1: COCOeval takes a match id of 0 to mean "unmatched"
-            annotations.append({"id": len(annotations) + 1, "image_id": int(image_id), "category_id": int(label),
-                                "bbox": box, "area": box[2] * box[3], "iscrowd": int(is_crowd)})
+            annotations.append({"id": len(annotations) + 1, "image_id": int(image_id),
+                                "category_id": int(label), "bbox": box, "area": box[2] * box[3],
+                                "iscrowd": int(is_crowd)})
             categories.add(int(label))
     results = []
     for image_id, p in predictions.items():
-        for box, score, label in zip(_xywh(p["boxes"]), p["scores"].tolist(), p["labels"].tolist(), strict=True):
-            results.append({"image_id": int(image_id), "category_id": int(label), "bbox": box, "score": float(score)})
+        scores, labels = p["scores"].tolist(), p["labels"].tolist()
+        for box, score, label in zip(_xywh(p["boxes"]), scores, labels, strict=True):
+            results.append({"image_id": int(image_id), "category_id": int(label), "bbox": box,
+                            "score": float(score)})
             categories.add(int(label))
     if not any(a["iscrowd"] == 0 for a in annotations):
         return {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")}
@@ -86,12 +90,16 @@ def _voc07_class_ap(
     for image_id, t in ground_truth.items():
         mine = t["labels"] == label
         if mine.any():
-            gts[image_id] = (t["boxes"][mine].float(), _ignored(t)[mine], torch.zeros(int(mine.sum()), dtype=torch.bool))
+            taken = torch.zeros(int(mine.sum()), dtype=torch.bool)
+            gts[image_id] = (t["boxes"][mine].float(), _ignored(t)[mine], taken)
     positives = sum(int((~ignored).sum()) for _, ignored, _ in gts.values())
     if positives == 0:
         return None
-    dets = [(float(s), image_id, box) for image_id, p in predictions.items()
-            for box, s in zip(p["boxes"][p["labels"] == label].float(), p["scores"][p["labels"] == label], strict=True)]
+    dets = []
+    for image_id, p in predictions.items():
+        mine = p["labels"] == label
+        boxes, scores = p["boxes"][mine].float(), p["scores"][mine]
+        dets += [(float(s), image_id, box) for box, s in zip(boxes, scores, strict=True)]
     dets.sort(key=lambda d: -d[0])  # stable: ties keep image order
     tp, fp = [], []
     for _, image_id, box in dets:
@@ -139,7 +147,9 @@ def voc07_ap(
     return mean, per_class
 
 
-def voc07_metrics(ground_truth: Mapping[int, Mapping], predictions: Mapping[int, Mapping]) -> dict[str, float]:
+def voc07_metrics(
+    ground_truth: Mapping[int, Mapping], predictions: Mapping[int, Mapping]
+) -> dict[str, float]:
     """{"AP50", "AP75", "AP"}: the VOC07 11-point mAP at IoU 0.5, at 0.75, and its mean over
     0.50:0.95 — how detectron2's VOC evaluator, and so the MoCo paper's VOC table, define them."""
     at = {t: voc07_ap(ground_truth, predictions, t)[0] for t in PAPER_IOU_THRESHOLDS}

@@ -61,7 +61,8 @@ def encoder_stages(backbone: nn.Module) -> list[Stage]:
         return [[("stem", backbone.stem, "stem.")], *([b] for b in blocks)]
     if isinstance(backbone, torchvision.models.ResNet):
         stem = [(n, getattr(backbone, n), f"{n}.") for n in ("conv1", "bn1", "relu", "maxpool")]
-        return [stem, *([(n, getattr(backbone, n), f"{n}.")] for n in ("layer1", "layer2", "layer3", "layer4"))]
+        layers = ("layer1", "layer2", "layer3", "layer4")
+        return [stem, *([(n, getattr(backbone, n), f"{n}.")] for n in layers)]
     raise TypeError(f"no detection layout for a {type(backbone).__name__} backbone")
 
 
@@ -98,12 +99,17 @@ def _replace_batchnorm(root: nn.Module, prefixes: Sequence[str]) -> None:
         setattr(parent, child, frozen)
 
 
-def _anchors(sizes: Sequence[int], aspect_ratios: Sequence[float], levels: int, layout: str) -> AnchorGenerator:
-    if layout == "c4":
-        return AnchorGenerator((tuple(sizes),), (tuple(aspect_ratios),))
-    if len(sizes) != levels:
-        raise ValueError(f"anchor_sizes has {len(sizes)} sizes but this FPN has {levels} levels: give one size per level")
-    return AnchorGenerator(tuple((s,) for s in sizes), (tuple(aspect_ratios),) * levels)
+def _rpn(sizes: Sequence[int], aspect_ratios: Sequence[float], levels: int, channels: int) -> dict:
+    """The anchor generator and RPN head: one feature map (C4) takes every size, FPN levels one each."""
+    if levels == 1:
+        anchors = AnchorGenerator((tuple(sizes),), (tuple(aspect_ratios),))
+    elif len(sizes) != levels:
+        raise ValueError(f"anchor_sizes has {len(sizes)} sizes but this FPN has {levels} levels: "
+                         "give one size per level")
+    else:
+        anchors = AnchorGenerator(tuple((s,) for s in sizes), (tuple(aspect_ratios),) * levels)
+    head = RPNHead(channels, anchors.num_anchors_per_location()[0])
+    return {"rpn_anchor_generator": anchors, "rpn_head": head}
 
 
 def build_detector(
@@ -142,26 +148,28 @@ def build_detector(
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r} is not one of {', '.join(NORMS)}")
     if norm == "syncbn" and not torch.cuda.is_available():
-        raise ValueError("norm='syncbn' needs CUDA GPUs (torch's SyncBatchNorm has no CPU path); use norm='bn' "
-                         "on CPU or with a single process")
+        raise ValueError("norm='syncbn' needs CUDA GPUs (torch's SyncBatchNorm has no CPU path); "
+                         "use norm='bn' on CPU or with a single process")
     if num_classes < 1:
         raise ValueError(f"num_classes={num_classes} must be at least 1 (background is added)")
     unknown = sorted(set(rcnn_options) - _FASTER_RCNN_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown detector options {unknown}; allowed: {', '.join(sorted(_FASTER_RCNN_OPTIONS))}")
+        allowed = ", ".join(sorted(_FASTER_RCNN_OPTIONS))
+        raise ValueError(f"unknown detector options {unknown}; allowed: {allowed}")
     stages = encoder_stages(build_backbone(arch, cifar_stem)[0])
     if not 0 <= frozen_stages <= len(stages):
-        raise ValueError(f"frozen_stages={frozen_stages} must be in 0..{len(stages)} (stem + {len(stages) - 1} stages)")
-    transform = {"min_size": min_size, "max_size": max_size, "image_mean": list(image_mean), "image_std": list(image_std)}
+        raise ValueError(f"frozen_stages={frozen_stages} must be in 0..{len(stages)} "
+                         f"(stem + {len(stages) - 1} stages)")
+    transform = {"min_size": min_size, "max_size": max_size,
+                 "image_mean": list(image_mean), "image_std": list(image_std)}
     if layout == "c4":
         trunk = _sequential(stages[:-1])
         trunk.out_channels = _out_channels(stages[-2])
         head_name, head_stage, _ = stages[-1][0]
         box_head = nn.Sequential(OrderedDict([(head_name, head_stage), ("pool", nn.AdaptiveAvgPool2d(1)),
                                               ("flatten", nn.Flatten())]))
-        anchors = _anchors(anchor_sizes or PAPER_ANCHOR_SIZES, aspect_ratios, 1, layout)
         detector = FasterRCNN(
-            trunk, rpn_anchor_generator=anchors, rpn_head=RPNHead(trunk.out_channels, anchors.num_anchors_per_location()[0]),
+            trunk, **_rpn(anchor_sizes or PAPER_ANCHOR_SIZES, aspect_ratios, 1, trunk.out_channels),
             box_roi_pool=MultiScaleRoIAlign(["0"], roi_size or 14, sampling_ratio=0), box_head=box_head,
             box_predictor=FastRCNNPredictor(_out_channels(stages[-1]), num_classes + 1),
             **transform, **rcnn_options,
@@ -176,9 +184,9 @@ def build_detector(
         )
         levels = len(names) + 1
         size = roi_size or 7
-        anchors = _anchors(anchor_sizes or [32 * 2**i for i in range(levels)], aspect_ratios, levels, layout)
+        sizes = anchor_sizes or [32 * 2**i for i in range(levels)]
         detector = FasterRCNN(
-            body, rpn_anchor_generator=anchors, rpn_head=RPNHead(fpn_channels, anchors.num_anchors_per_location()[0]),
+            body, **_rpn(sizes, aspect_ratios, levels, fpn_channels),
             box_roi_pool=MultiScaleRoIAlign([str(i) for i in range(len(names))], size, sampling_ratio=2),
             box_head=TwoMLPHead(fpn_channels * size * size, representation_size),
             box_predictor=FastRCNNPredictor(representation_size, num_classes + 1),
@@ -207,7 +215,8 @@ def load_encoder_backbone(detector: nn.Module, state: Mapping[str, torch.Tensor]
     module = detector.module if isinstance(detector, nn.parallel.DistributedDataParallel) else detector
     prefixes = getattr(module, PREFIXES_ATTR, None)
     if prefixes is None:
-        raise ValueError("this detector was not built by core.detection.build_detector (it has no encoder prefixes)")
+        raise ValueError("this detector was not built by core.detection.build_detector "
+                         "(it has no encoder prefixes)")
     target = module.state_dict()
     mapping: dict[str, str] = {}
     unmapped, absent, mismatched = [], [], []
@@ -227,10 +236,8 @@ def load_encoder_backbone(detector: nn.Module, state: Mapping[str, torch.Tensor]
         else:
             mapping[key] = dkey
     covered = set(mapping.values())
-    uncovered = [
-        k for k in target
-        if any(k.startswith(d) for _, d in prefixes) and k not in covered and not k.endswith("num_batches_tracked")
-    ]
+    backbone_keys = [k for k in target if any(k.startswith(d) for _, d in prefixes)]
+    uncovered = [k for k in backbone_keys if k not in covered and not k.endswith("num_batches_tracked")]
     problems = {
         "encoder keys outside the backbone layout": unmapped, "encoder keys the detector lacks": absent,
         "shape mismatches": mismatched, "detector backbone keys the encoder lacks": uncovered,

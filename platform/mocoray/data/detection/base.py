@@ -128,7 +128,8 @@ def finish_records(
     counts.boxes = sum(r.boxes.shape[0] for r in kept)
     if not kept:
         raise ValueError(f"{where}: no usable image left (counts: {counts.as_dict()})")
-    dropped = {k: v for k, v in counts.as_dict().items() if v and k not in ("images", "boxes") and "." not in k}
+    dropped = {k: v for k, v in counts.as_dict().items()
+               if v and k not in ("images", "boxes") and "." not in k}
     if dropped:
         log.warning("%s: %s", where, ", ".join(f"{k}={v}" for k, v in dropped.items()))
     return kept

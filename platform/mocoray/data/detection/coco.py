@@ -58,10 +58,11 @@ def coco_detection(
     where = display(fs, ann_path)
     try:
         data = json.loads(read_bytes(fs, ann_path))
-        image_entries, ann_entries, categories = data["images"], data.get("annotations", []), data["categories"]
+        image_entries, categories = data["images"], data["categories"]
+        ann_entries = data.get("annotations", [])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{annotations_field}: {where} is not a COCO instances file "
-                         f"(needs 'images', 'annotations', 'categories'): {type(err).__name__}: {err}") from None
+        raise ValueError(f"{annotations_field}: {where} is not a COCO instances file (needs 'images', "
+                         f"'annotations', 'categories'): {type(err).__name__}: {err}") from None
     if not image_entries:
         raise ValueError(f"{annotations_field}: {where} lists no images")
     categories = sorted(categories, key=lambda c: c["id"])
@@ -84,7 +85,8 @@ def coco_detection(
                 width, height = image_size(image_fs, path)
             except CorruptImageError as err:
                 counts.images_unreadable_annotation += 1
-                log.warning("leaving out %s: no size in %s and the image is unreadable (%s)", path, where, err)
+                log.warning("leaving out %s: no size in %s and the image is unreadable (%s)",
+                            path, where, err)
                 continue
         anns = by_image[entry["id"]]
         record = ImageRecord(

@@ -85,7 +85,8 @@ def split_bank(split: str) -> GlyphBank:
 def render_canvas(
     bank: GlyphBank, rng: np.random.Generator, canvas: int, max_digits: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(uint8 canvas H x W, boxes float32 N x 4, labels int64 N in 1..10, source digit ids N) for one image."""
+    """(uint8 canvas H x W, boxes float32 N x 4, labels int64 N in 1..10, source digit ids N) for one
+    image."""
     gray = torch.zeros(canvas, canvas, dtype=torch.uint8)
     boxes: list[np.ndarray] = []
     out_labels: list[int] = []
@@ -104,11 +105,13 @@ def render_canvas(
             out_labels.append(int(bank.labels[src]) + 1)
             sources.append(int(bank.source_ids[src]))
             break
-    return gray, torch.from_numpy(np.stack(boxes)), torch.tensor(out_labels, dtype=torch.int64), torch.tensor(sources)
+    labels = torch.tensor(out_labels, dtype=torch.int64)
+    return gray, torch.from_numpy(np.stack(boxes)), labels, torch.tensor(sources)
 
 
 class ScatteredDigitsDet(Dataset):
-    """`(uint8 3 x canvas x canvas, target)` items rendered once from a split's glyphs, deterministic in `seed`.
+    """`(uint8 3 x canvas x canvas, target)` items rendered once from a split's glyphs, deterministic in
+    `seed`.
 
     `box_sources[i]` names the source digit (an index into scikit-learn's set) each box of image i shows."""
 

@@ -37,7 +37,8 @@ from .base import (
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
 )
 log = logging.getLogger(__name__)
 PAPER_TRAIN_SETS = (("2007", "trainval"), ("2012", "trainval"))
@@ -66,8 +67,8 @@ def _year_folder(fs: AbstractFileSystem, root: str, url: str, year: str, field: 
         if fs.isdir(candidate):
             return candidate
     raise DatasetNotFoundError(
-        f"{field}: no VOC{year} folder under {url} (looked for {url}/VOCdevkit/VOC{year} and {url}/VOC{year}, "
-        "each holding Annotations/, ImageSets/Main/ and JPEGImages/)"
+        f"{field}: no VOC{year} folder under {url} (looked for {url}/VOCdevkit/VOC{year} and "
+        f"{url}/VOC{year}, each holding Annotations/, ImageSets/Main/ and JPEGImages/)"
     )
 
 
@@ -75,10 +76,9 @@ def _split_ids(fs: AbstractFileSystem, folder: str, year: str, split: str, field
     main = posixpath.join(folder, "ImageSets", "Main")
     path = posixpath.join(main, f"{split}.txt")
     if not fs.isfile(path):
-        available = sorted(
-            posixpath.basename(p)[:-4] for p in (fs.glob(posixpath.join(main, "*.txt")) if fs.isdir(main) else [])
-            if "_" not in posixpath.basename(p)  # <class>_<split>.txt are per-class lists
-        )
+        lists = fs.glob(posixpath.join(main, "*.txt")) if fs.isdir(main) else []
+        # <class>_<split>.txt are per-class lists, not splits
+        available = sorted(posixpath.basename(p)[:-4] for p in lists if "_" not in posixpath.basename(p))
         raise DatasetNotFoundError(
             f"{field}: VOC{year} has no split {split!r}: {display(fs, path)} does not exist "
             f"(splits found: {', '.join(available) or 'none'})"
@@ -96,7 +96,9 @@ def _number(obj: ET.Element, name: str) -> float:
         return float("nan")  # not a number: the box becomes degenerate and is counted as such
 
 
-def parse_annotation(data: bytes, where: str, class_index: dict[str, int]) -> tuple[int, int, list, list, list]:
+def parse_annotation(
+    data: bytes, where: str, class_index: dict[str, int]
+) -> tuple[int, int, list, list, list]:
     """(width, height, boxes, labels, difficult) of one VOC XML file; width/height 0 when not stated."""
     try:
         root = ET.fromstring(data)
@@ -115,7 +117,8 @@ def parse_annotation(data: bytes, where: str, class_index: dict[str, int]) -> tu
         if bb is None:
             boxes.append([float("nan")] * 4)
         else:
-            boxes.append([_number(bb, "xmin") - 1, _number(bb, "ymin") - 1, _number(bb, "xmax"), _number(bb, "ymax")])
+            x0, y0, x1, y1 = (_number(bb, k) for k in ("xmin", "ymin", "xmax", "ymax"))
+            boxes.append([x0 - 1, y0 - 1, x1, y1])
         labels.append(class_index[name])
         difficult.append(obj.findtext("difficult", "0").strip() == "1")
     return width, height, boxes, labels, difficult
@@ -152,7 +155,8 @@ def voc_detection(
         xml = posixpath.join(folder, "Annotations", f"{image}.xml")
         jpg = posixpath.join(folder, "JPEGImages", f"{image}.jpg")
         try:
-            width, height, boxes, labels, difficult = parse_annotation(read_bytes(fs, xml), display(fs, xml), class_index)
+            parsed = parse_annotation(read_bytes(fs, xml), display(fs, xml), class_index)
+            width, height, boxes, labels, difficult = parsed
             if not width or not height:
                 width, height = image_size(fs, jpg)
         except (FileNotFoundError, UnreadableAnnotation, CorruptImageError) as err:
