@@ -26,7 +26,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .base import CorruptImageError, DatasetNotFoundError, TensorImages
-from .files import IMAGE_EXTENSIONS, decode_image, display, find_classes, find_shards, list_images, resolve
+from .files import (
+    IMAGE_EXTENSIONS,
+    decode_image,
+    display,
+    find_classes,
+    find_shards,
+    list_images,
+    read_bytes,
+    resolve,
+)
 
 if TYPE_CHECKING:  # neither pydantic (config) nor pyarrow (parquet) is needed for the other formats
     from ..config import DataConfig
@@ -60,11 +69,6 @@ def external_splits(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
     if cfg.name == "parquet":
         return parquet_splits(cfg.root, cfg.val_root)
     raise ValueError(f"data.name={cfg.name!r} is not an external dataset")
-
-
-def _read_bytes(fs: AbstractFileSystem, path: str) -> bytes:
-    with fs.open(path, "rb") as f:
-        return f.read()
 
 
 def _find_folder(fs: AbstractFileSystem, root: str, url: str, folder: str, marker: str) -> str:
@@ -138,7 +142,7 @@ def _stl10_images(fs: AbstractFileSystem, path: str, memmap: bool = False) -> to
         # writable, which torch.from_numpy wants
         flat = np.memmap(path, dtype=np.uint8, mode="c")
     else:
-        flat = np.frombuffer(bytearray(_read_bytes(fs, path)), dtype=np.uint8)
+        flat = np.frombuffer(bytearray(read_bytes(fs, path)), dtype=np.uint8)
     images = flat.reshape(-1, 3, STL10_SIZE, STL10_SIZE)
     return torch.from_numpy(images).transpose(2, 3)  # column-major -> H x W; a view, no copy
 
@@ -151,7 +155,7 @@ def _stl10_folder(root: str) -> tuple[AbstractFileSystem, str]:
 def _stl10_split(fs: AbstractFileSystem, folder: str, split: str) -> TensorImages:
     images = _stl10_images(fs, posixpath.join(folder, f"{split}_X.bin")).contiguous()
     raw = np.frombuffer(
-        _read_bytes(fs, _require_file(fs, posixpath.join(folder, f"{split}_y.bin"))), dtype=np.uint8
+        read_bytes(fs, _require_file(fs, posixpath.join(folder, f"{split}_y.bin"))), dtype=np.uint8
     )
     labels = torch.from_numpy(raw.astype(np.int64) - 1)  # the file counts classes from 1
     if labels.shape[0] != images.shape[0]:
@@ -161,7 +165,7 @@ def _stl10_split(fs: AbstractFileSystem, folder: str, split: str) -> TensorImage
     ds = TensorImages(images, labels, num_classes=10)
     names = posixpath.join(folder, "class_names.txt")
     if fs.isfile(names):
-        ds.classes = _read_bytes(fs, names).decode().split()
+        ds.classes = read_bytes(fs, names).decode().split()
     return ds
 
 
@@ -217,7 +221,7 @@ class ImageFolderFS(Dataset):
     def encoded(self, i: int) -> tuple[bytes, int]:
         """The file's bytes, undecoded, and its label (what `data.decode=gpu` loader workers serve)."""
         try:
-            return _read_bytes(self.fs, self.paths[i]), int(self.labels[i])
+            return read_bytes(self.fs, self.paths[i]), int(self.labels[i])
         except (FileNotFoundError, PermissionError) as err:  # gone/unreadable since listing: skip it too
             raise CorruptImageError(f"{display(self.fs, self.paths[i])}: {type(err).__name__}: {err}") from err
 

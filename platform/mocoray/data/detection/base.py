@@ -15,11 +15,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from fsspec import AbstractFileSystem
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ..base import CorruptImageError, to_uint8_tensor
-from ..parquet import decode_image, display
+from ..files import decode_image, display
 
 log = logging.getLogger(__name__)
 
@@ -135,15 +134,6 @@ def finish_records(
     return kept
 
 
-def image_size(fs: AbstractFileSystem, path: str) -> tuple[int, int]:
-    """(width, height) from the image header only (for annotations that do not state the size)."""
-    try:
-        with fs.open(path, "rb") as f, Image.open(f) as img:
-            return img.size
-    except Exception as err:
-        raise CorruptImageError(f"{display(fs, path)}: {type(err).__name__}: {err}") from err
-
-
 class FileDetections(Dataset):
     """`(uint8 image, target)` items from image files (any fsspec filesystem) and cleaned records.
 
@@ -187,11 +177,6 @@ class FileDetections(Dataset):
             )
         target = self.target(i)
         return self.transform(image, target) if self.transform else (image, target)
-
-
-def read_bytes(fs: AbstractFileSystem, path: str) -> bytes:
-    with fs.open(path, "rb") as f:
-        return f.read()
 
 
 def collate_detection(items: list[tuple]) -> tuple[list[torch.Tensor], list[Target], int]:

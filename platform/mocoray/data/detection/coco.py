@@ -15,17 +15,8 @@ import posixpath
 import torch
 
 from ..base import CorruptImageError
-from ..parquet import display, resolve
-from .base import (
-    AnnotationCounts,
-    FileDetections,
-    ImageRecord,
-    ItemTransform,
-    clean_record,
-    finish_records,
-    image_size,
-    read_bytes,
-)
+from ..files import display, image_size, read_bytes, resolve
+from .base import AnnotationCounts, FileDetections, ImageRecord, ItemTransform, clean_record, finish_records
 
 log = logging.getLogger(__name__)
 

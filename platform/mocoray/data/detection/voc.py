@@ -23,17 +23,8 @@ import torch
 from fsspec import AbstractFileSystem
 
 from ..base import CorruptImageError, DatasetNotFoundError
-from ..parquet import display, resolve
-from .base import (
-    AnnotationCounts,
-    FileDetections,
-    ImageRecord,
-    ItemTransform,
-    clean_record,
-    finish_records,
-    image_size,
-    read_bytes,
-)
+from ..files import display, image_size, read_bytes, resolve
+from .base import AnnotationCounts, FileDetections, ImageRecord, ItemTransform, clean_record, finish_records
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
