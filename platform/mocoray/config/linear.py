@@ -16,9 +16,11 @@ LINEAR_MODES = ("augmented", "center", "cached")
 class EncoderConfig(Section):
     """Where the backbone comes from: exactly one of pretrain_run, checkpoint, random_init."""
 
-    pretrain_run: str | None = Field(None, description="MLflow run id of a pretraining run (its final checkpoint)")
+    pretrain_run: str | None = Field(None, description="MLflow run id of a pretraining run (its final checkpoint; "
+                                      "its encoder/ artifact where that path is not reachable)")
     checkpoint: str | None = Field(
-        None, description="checkpoint directory, exported backbone .pt, or official MoCo .pth.tar (path or URL)"
+        None, description="checkpoint directory, exported backbone .pt, or official MoCo .pth.tar (path or URL); "
+        "or a registered encoder models:/NAME@ALIAS, models:/NAME/VERSION, or a run artifact runs:/ID/encoder"
     )
     random_init: bool = Field(False, description="a randomly initialised backbone: the protocol's own baseline")
     arch: Literal[ARCHS] | None = Field(  # type: ignore[valid-type]

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .. import __version__
 from ..checkpoints import load_training_checkpoint, save_training_checkpoint
-from ..config import LinearConfig, flatten, load_linear_config
+from ..config import LinearConfig, dump_yaml, flatten, load_linear_config
 from ..core.amp import autocast
 from ..core.augment import AugmentSpec, BatchAugment, normalize_batch
 from ..core.distributed import all_reduce_sum, rank_world
@@ -37,7 +37,9 @@ from ..core.features import extract_features
 from ..core.schedule import lr_at
 from ..data import image_batches, labelled_splits, take
 from ..data.base import Resized, SkipCorrupt, TensorImages, Transformed, collate_batch, to_uint8_tensor
+from ..data.fingerprint import dataset_records
 from ..encoders import EncoderSource, load_backbone, resolve_encoder
+from ..registry import tag_versions_with_results
 from ..table import render_table
 from ..tracking import (
     CHECKPOINT_TAG,
@@ -47,8 +49,10 @@ from ..tracking import (
     STATUS_TAG,
     MetricLogger,
     resolve_tracking_uri,
+    safely,
     start_run,
 )
+from ..tracking_artifacts import log_environment, record_job_start
 from . import runtime
 from .faults import Faults
 
@@ -348,6 +352,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
     if rank == 0:
+        log_environment(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"), world, device)
         runtime.console(f"linear eval ({mode}) of {encoder.label}: {encoder.arch}, {feat_dim}-d features, {num_classes} classes, "
                 f"{source.num_train} train / {len(val_center)} val images, {world} worker(s), "
                 f"{steps_per_epoch} steps/epoch" + (f"; features cached in {extract_s:.1f}s" if mode == "cached" else ""))
@@ -450,6 +455,7 @@ def run_linear_eval(cfg: LinearConfig, address: str | None = None, resume: bool 
     if cfg.tracking.enabled:
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
         job.open_tracking(uri, _open_mlflow_run, cfg, encoder, job.run_dir, uri)
+        record_job_start(job.tracking_uri, job.mlflow_run_id, dump_yaml(cfg), lambda: dataset_records(cfg.data))
 
     runtime.init_ray(address)
     loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), encoder=asdict(encoder), faults=faults.to_dict())
@@ -475,6 +481,8 @@ def run_linear_eval(cfg: LinearConfig, address: str | None = None, resume: bool 
     if checkpoint:
         tags[FC_CHECKPOINT_TAG] = checkpoint
     job.end_tracking("FINISHED", tags)
+    if job.mlflow_run_id and encoder.pretrain_run_id:  # registered versions of the encoder show the new result
+        safely("tagging registered versions", tag_versions_with_results, job.tracking_uri, encoder.pretrain_run_id)
     return LinearResult(run_dir=job.run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}),
                         status=status["status"], mlflow_run_id=job.mlflow_run_id, tracking_uri=job.tracking_uri,
                         encoder=encoder)

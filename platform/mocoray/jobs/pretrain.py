@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import __version__, storage
 from ..checkpoints import load_training_checkpoint, save_training_checkpoint, set_rng_state
-from ..config import PretrainConfig, flatten
+from ..config import PretrainConfig, dump_yaml, flatten
 from ..core.amp import AMP_DTYPES
 from ..core.augment import BatchAugment, moco_spec, two_view_transform
 from ..core.backbones import build_backbone
@@ -32,6 +32,7 @@ from ..core.shuffle_bn import resolve_bn_mode
 from ..data import PretrainData, build_pretrain_data, check_paths, image_batches
 from ..data.base import Resized, SkipCorrupt, TensorImages, Transformed, collate_batch
 from ..data.device_decode import DeviceJpegAugment, collate_encoded, encoded_train_dataset
+from ..data.fingerprint import dataset_records
 from ..encoders import export_backbone
 from ..gpu_metrics import gpu_monitor
 from ..tracking import (
@@ -44,6 +45,7 @@ from ..tracking import (
     resolve_tracking_uri,
     start_run,
 )
+from ..tracking_artifacts import encoder_info, log_environment, record_encoder, record_job_start
 from . import runtime
 from .faults import Faults
 
@@ -285,6 +287,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         raise ValueError(f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(data.train)} training images")
     views = two_views(cfg)
     logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
+    if rank == 0:  # every start of the worker group: the world size may differ after a restart
+        log_environment(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"), world, device)
     backbone = unwrap(model).encoder_q.backbone
 
     if state.knn_top1_init is None:
@@ -384,6 +388,8 @@ def run_pretrain(
         tags = {JOB_TAG: "pretrain", RUN_DIR_TAG: job.run_dir, **(extra_tags or {})}
         job.open_tracking(uri, start_run, uri, cfg.tracking.experiment, cfg.run.name,
                           flatten(cfg.model_dump(mode="json")), tags, job.run_dir)
+        record_job_start(job.tracking_uri, job.mlflow_run_id, dump_yaml(cfg),
+                         lambda: dataset_records(cfg.data, pretraining=True))
 
     runtime.init_ray(address)
     loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), resume_from=resume_from,
@@ -406,6 +412,9 @@ def run_pretrain(
         final_tags[CHECKPOINT_TAG] = checkpoint
     if backbone_path:
         final_tags[BACKBONE_TAG] = backbone_path
+        if cfg.tracking.log_backbone:
+            info = encoder_info(cfg.model.arch, cfg.model.cifar_stem, job.mlflow_run_id, checkpoint)
+            record_encoder(job.tracking_uri, job.mlflow_run_id, backbone_path, info)
     job.end_tracking("FINISHED" if status["status"] == "completed" else "FAILED", final_tags)
     out = PretrainResult(run_dir=job.run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}),
                          status=status["status"], mlflow_run_id=job.mlflow_run_id, tracking_uri=job.tracking_uri,
