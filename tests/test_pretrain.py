@@ -77,8 +77,9 @@ def _final_state(res) -> dict:
 
 
 def test_resumed_run_continues_exactly(ray_session, tmp_path):
+    # the cosine momentum schedule changes m every step: the resumed run must pick it up where it was
     common = {"run.num_workers": 2, "run.cpus_per_worker": 0.5, "optim.schedule": "constant",
-              "run.keep_checkpoints": 5}
+              "run.keep_checkpoints": 5, "moco.momentum_schedule": "cosine"}
     straight = run_pretrain(load_config(None, tiny_pretrain_overrides(tmp_path, "straight", **common,
                                                                       **{"optim.epochs": 3})))
     # stop after epoch 2 ...
@@ -101,6 +102,11 @@ def test_resumed_run_continues_exactly(ray_session, tmp_path):
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
     client = _client(tmp_path)
     assert _history(client, resumed.mlflow_run_id, "loss") == [1, 2, 3]  # one MLflow run, continued
+    m_straight = [m.value for m in sorted(client.get_metric_history(straight.mlflow_run_id, "momentum"),
+                                          key=lambda m: m.step)]
+    m_resumed = [m.value for m in sorted(client.get_metric_history(resumed.mlflow_run_id, "momentum"),
+                                         key=lambda m: m.step)]
+    assert m_resumed == m_straight and m_straight == sorted(m_straight) and 0.99 < m_straight[0] < m_straight[-1] < 1
     assert resumed.mlflow_run_id == first.mlflow_run_id
 
 
