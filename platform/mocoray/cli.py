@@ -34,6 +34,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if "knn_top1" in m:
         print(f"kNN top-1:   {m['knn_top1']:.4f} (random init {m['knn_top1_init']:.4f}, "
               f"margin {m['knn_margin']:+.4f}) after {m['epoch']} epochs")
+    if "logreg_top1" in m:
+        print(f"logreg top-1: {m['logreg_top1']:.4f} (random init {m['logreg_top1_init']:.4f}, "
+              f"margin {m['logreg_margin']:+.4f}): logistic regression on standardised backbone features")
     if res.mlflow_run_id:
         print(f"MLflow run:  {res.mlflow_run_id} at {res.tracking_uri}")
     if args.then_linear_eval:

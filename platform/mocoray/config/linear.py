@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from ..core.backbones import ARCHS
 from .common import DataConfig, RunConfig, Section, SGDConfig, TrackingConfig, load_recipe
 
-LINEAR_MODES = ("augmented", "center", "cached")
+LINEAR_MODES = ("augmented", "center", "cached", "logreg")
 
 
 class EncoderConfig(Section):
@@ -56,7 +56,8 @@ class LinearProtocolConfig(Section):
         "augmented",
         description="augmented: random-resized-crop + flip views through the frozen backbone every step (paper); "
         "center: centre-crop views through the backbone every step; cached: centre-crop features extracted "
-        "once, fc trained on them (same result as center, much faster)",
+        "once, fc trained on them (same result as center, much faster); logreg: scikit-learn logistic regression on "
+        "the cached features, standardised (no epochs, no lr: a quick, hyperparameter-free score)",
     )
     crop_min_scale: float = Field(0.08, gt=0.0, le=1.0, description="RandomResizedCrop scale (augmented mode)")
     flip: bool = Field(True, description="random horizontal flip (augmented mode)")

@@ -23,11 +23,11 @@ from ..core.amp import AMP_DTYPES
 from ..core.augment import BatchAugment, moco_spec, two_view_transform
 from ..core.backbones import build_backbone
 from ..core.compiled import compile_encoders, make_sgd
-from ..core.distributed import all_reduce_sum
+from ..core.distributed import all_reduce_sum, rank_world
 from ..core.features import extract_features
 from ..core.knn import knn_top1
 from ..core.moco import Encoder, MoCo, NonFiniteLossError, train_step, unwrap
-from ..core.schedule import lr_at
+from ..core.schedule import lr_at, momentum_at
 from ..core.shuffle_bn import resolve_bn_mode
 from ..data import PretrainData, build_pretrain_data, check_paths, image_batches
 from ..data.base import Resized, SkipCorrupt, TensorImages, Transformed, collate_batch
@@ -35,6 +35,7 @@ from ..data.device_decode import DeviceJpegAugment, collate_encoded, encoded_tra
 from ..data.fingerprint import dataset_records
 from ..encoders import export_backbone
 from ..gpu_metrics import gpu_monitor
+from ..logreg import fit_logreg
 from ..tracking import (
     BACKBONE_TAG,
     CHECKPOINT_TAG,
@@ -109,6 +110,13 @@ class TrainState:
     global_step: int = 0
     knn_top1_init: float | None = None  # the same encoder at random init: every run's own baseline
     knn_top1_last: float | None = None
+    logreg_top1_init: float | None = None  # knn.logreg: the same for logistic regression
+    logreg_top1_last: float | None = None
+
+    def monitor(self, knn: float, logreg: float | None, init: bool = False) -> None:
+        self.knn_top1_last, self.logreg_top1_last = knn, logreg
+        if init:
+            self.knn_top1_init, self.logreg_top1_init = knn, logreg
 
 
 @dataclass
@@ -116,6 +124,7 @@ class EpochStats:
     loss: float
     contrastive_acc: float
     lr: float
+    momentum: float
     steps: int
     train_time_s: float
     corrupt_images_skipped: int = 0
@@ -132,7 +141,7 @@ def train_one_epoch(model, loader, optimizer, scaler, views: TwoViews, cfg: Pret
     t0 = time.perf_counter()
     loss_sum = acc_sum = 0.0
     skipped = 0
-    cur_lr = lr
+    cur_lr, moco = lr, unwrap(model)
     for i, (x, _labels, n_skipped) in enumerate(loader):
         if i == 1:
             faults.maybe_crash(epoch, rank)
@@ -140,6 +149,8 @@ def train_one_epoch(model, loader, optimizer, scaler, views: TwoViews, cfg: Pret
                        cfg.optim.milestones, cfg.optim.gamma)
         for group in optimizer.param_groups:
             group["lr"] = cur_lr
+        moco.momentum = momentum_at((epoch + i / steps) / cfg.optim.epochs, cfg.moco.momentum,
+                                    cfg.moco.momentum_schedule)
         im_q, im_k, replaced = views(x, device)
         skipped += int(n_skipped) + replaced
         if channels_last:
@@ -151,13 +162,14 @@ def train_one_epoch(model, loader, optimizer, scaler, views: TwoViews, cfg: Pret
         acc_sum += res.accuracy
         state.global_step += 1
     (skipped,) = all_reduce_sum([skipped], device)  # every rank joins, skipped images or not
-    return EpochStats(loss=loss_sum / steps, contrastive_acc=acc_sum / steps, lr=cur_lr, steps=steps,
-                      train_time_s=time.perf_counter() - t0, corrupt_images_skipped=int(skipped))
+    return EpochStats(loss=loss_sum / steps, contrastive_acc=acc_sum / steps, lr=cur_lr, momentum=moco.momentum,
+                      steps=steps, train_time_s=time.perf_counter() - t0, corrupt_images_skipped=int(skipped))
 
 
 def evaluate_knn(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainConfig, device: torch.device,
-                 channels_last: bool) -> float:
-    """Weighted kNN top-1 of the backbone's features: the labelled bank votes for each val image."""
+                 channels_last: bool) -> tuple[float, float | None]:
+    """Weighted kNN top-1 of the backbone's features (the labelled bank votes for each val image) and, with
+    `knn.logreg`, the top-1 of logistic regression fitted on the same bank (on rank 0; None otherwise)."""
     bank = data.knn_bank
     if cfg.knn.max_bank and len(bank) > cfg.knn.max_bank and isinstance(bank, TensorImages):
         bank = bank.subset(torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[: cfg.knn.max_bank])
@@ -172,7 +184,12 @@ def evaluate_knn(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainCon
 
     bank_f, bank_y = features(bank)
     val_f, val_y = features(data.knn_val)
-    return knn_top1(bank_f, bank_y, val_f, val_y, cfg.knn.k, cfg.knn.temperature)
+    knn = knn_top1(bank_f, bank_y, val_f, val_y, cfg.knn.k, cfg.knn.temperature)
+    if not cfg.knn.logreg:
+        return knn, None
+    rank = rank_world()[0]
+    logreg = fit_logreg(bank_f, bank_y, val_f, val_y, cfg.run.seed).top1 if rank == 0 else 0.0
+    return knn, all_reduce_sum([logreg], device)[0]  # every rank reports the same number
 
 
 def epoch_metrics(state: TrainState, stats: EpochStats, cfg: PretrainConfig, epoch_time_s: float) -> dict:
@@ -183,7 +200,11 @@ def epoch_metrics(state: TrainState, stats: EpochStats, cfg: PretrainConfig, epo
         "knn_top1": state.knn_top1_last,
         "knn_top1_init": state.knn_top1_init,
         "knn_margin": state.knn_top1_last - state.knn_top1_init,
+        **({"logreg_top1": state.logreg_top1_last, "logreg_top1_init": state.logreg_top1_init,
+            "logreg_margin": state.logreg_top1_last - state.logreg_top1_init}
+           if state.logreg_top1_last is not None else {}),
         "lr": stats.lr,
+        "momentum": stats.momentum,
         "pairs_per_s": stats.steps * cfg.optim.batch_size / stats.train_time_s,
         "epoch_time_s": epoch_time_s,  # training and kNN
         "corrupt_images_skipped": stats.corrupt_images_skipped,
@@ -192,7 +213,9 @@ def epoch_metrics(state: TrainState, stats: EpochStats, cfg: PretrainConfig, epo
 
 def epoch_line(m: dict, cfg: PretrainConfig) -> str:
     return (f"epoch {m['epoch']}/{cfg.optim.epochs}  loss {m['loss']:.4f}  acc {m['contrastive_acc']:.3f}  "
-            f"kNN {m['knn_top1']:.4f} ({m['knn_margin']:+.4f} vs init)  lr {m['lr']:.4g}  "
+            f"kNN {m['knn_top1']:.4f} ({m['knn_margin']:+.4f} vs init)  "
+            + (f"logreg {m['logreg_top1']:.4f} ({m['logreg_margin']:+.4f})  " if "logreg_top1" in m else "")
+            + f"lr {m['lr']:.4g}  "
             f"{m['pairs_per_s']:.0f} pairs/s  {m['epoch_time_s']:.1f}s")
 
 
@@ -292,9 +315,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     backbone = unwrap(model).encoder_q.backbone
 
     if state.knn_top1_init is None:
-        state.knn_top1_init = state.knn_top1_last = evaluate_knn(backbone, data, cfg, device, channels_last)
+        state.monitor(*evaluate_knn(backbone, data, cfg, device, channels_last), init=True)
         if logger:
-            logger.metrics({"knn_top1": state.knn_top1_init, "knn_top1_init": state.knn_top1_init}, step=0)
+            init = {"knn_top1": state.knn_top1_init, "knn_top1_init": state.knn_top1_init,
+                    "logreg_top1": state.logreg_top1_init, "logreg_top1_init": state.logreg_top1_init}
+            logger.metrics(init, step=0)
             logger.tags({"mocoray.bn_mode_effective": bn_mode, "mocoray.world_size": world})
             runtime.console(f"{cfg.model.arch}, bn_mode {bn_mode} ({cfg.moco.bn_mode} requested), {world} worker(s), "
                     f"{len(data.train)} images, {len(loader)} steps/epoch; kNN top-1 at init {state.knn_top1_init:.4f}")
@@ -312,7 +337,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.epoch = epoch + 1
             last = state.epoch == cfg.optim.epochs
             if state.epoch % cfg.knn.every == 0 or last:
-                state.knn_top1_last = evaluate_knn(backbone, data, cfg, device, channels_last)
+                state.monitor(*evaluate_knn(backbone, data, cfg, device, channels_last))
             metrics = epoch_metrics(state, stats, cfg, time.perf_counter() - t0) | monitor.epoch_averages()
             if logger:
                 logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
