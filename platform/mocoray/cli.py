@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
+from . import __version__
 from .config import ConfigError
 
 
@@ -19,7 +21,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from .config import load_config
     from .config.pretrain import DEFAULT_RECIPE
-    from .jobs.pretrain import PretrainFailed, run_pretrain
+    from .jobs.pretrain import PretrainFailed, PretrainInterrupted, run_pretrain
 
     cfg = load_config(args.recipe or DEFAULT_RECIPE, args.overrides)
     if args.print_config:
@@ -28,7 +30,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         res = run_pretrain(cfg, address=args.address, resume=args.resume, resume_from=args.resume_from)
     except PretrainFailed as err:
         print(f"mocoray pretrain: {err}", file=sys.stderr)
-        return 1
+        if isinstance(err, PretrainInterrupted) and not args.resume and "--resume" in str(err):
+            print(f"  mocoray {shlex.join([*args.argv, '--resume'])}", file=sys.stderr)
+        return err.exit_code
     m = res.metrics
     print(f"\nrun dir:     {res.run_dir}\ncheckpoint:  {res.checkpoint}\nbackbone:    {res.backbone_path}")
     if "knn_top1" in m:
@@ -69,7 +73,7 @@ def _linear_eval(cfg, address: str | None, resume: bool = False) -> int:
         res = run_linear_eval(cfg, address=address, resume=resume)
     except LinearEvalFailed as err:
         print(f"mocoray linear-eval: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
     except (LookupError, ValueError) as err:  # unknown run, unusable checkpoint, wrong architecture
         print(f"mocoray linear-eval: {err}", file=sys.stderr)
         return 2
@@ -212,6 +216,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mocoray", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mocoray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="MoCo pretraining on Ray Train")
@@ -297,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # the jobs are written for Ray Train V2
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to repeat the command in hints
     try:
         return args.func(args)
     except ConfigError as err:
@@ -305,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"mocoray {args.command}: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a job took over the signals (while loading, starting Ray, ...)
+        print(f"mocoray {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
