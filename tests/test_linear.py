@@ -209,18 +209,18 @@ def test_linear_eval_of_pretrained_encoder_beats_random_init_and_is_linked_to_it
                                     {"encoder.random_init": True, "encoder.arch": "small_resnet"})
     random = run_linear_eval(random_cfg)
     pretrained_top1, random_top1 = metrics["linear_top1_final"], random.metrics["linear_top1"]
-    # Observed (2 workers' worth of CPU, shared): pretrained ~0.55-0.62 vs random init ~0.13-0.15, a margin of
-    # ~0.4. Random-init features are tiny (eval-mode BN at its init statistics), so the fc barely fits them.
-    assert pretrained_top1 > random_top1 + 0.15, (pretrained_top1, random_top1)
-    # a fair baseline: the random-init encoder's BN statistics are recomputed on training images first (at
-    # their init values, 0 and 1, its features are degenerate and the fc stays near chance, 0.1)
-    assert random.metrics["linear_top1"] > 0.3, random.metrics
+    # A fair baseline: the random-init encoder's BN statistics are recomputed on training images first. At
+    # their init values (0 and 1) its features were degenerate: random init scored 0.13-0.15, near chance
+    # (0.1), and the margin looked like ~0.4. Measured with the fair baseline: 0.5487 vs 0.4383 (+0.11).
+    assert random_top1 > 0.3, random.metrics
+    assert pretrained_top1 > random_top1 + 0.05, (pretrained_top1, random_top1)
 
 
 
 def test_feature_norm_batchnorm_makes_the_paper_lr_work_on_unnormalised_features(digits_pretrain):
     """lr 30 (the paper's, for ResNet-50 features) on small_resnet features of norm ~10: the plain fc layer
-    is thrown around by it, the affine-free BatchNorm in front of it (linear.feature_norm) is not."""
+    is thrown around by it, the affine-free BatchNorm in front of it (linear.feature_norm) is not. Measured:
+    top-1 0.2201 without, 0.5088 with."""
     pre, uri, tmp = digits_pretrain["result"], digits_pretrain["uri"], digits_pretrain["tmp"]
     protocol = {"optim.epochs": 4, "optim.milestones": "[3]", "optim.lr": 30.0, "data.max_images": 1024,
                 "linear.eval_every": 4}

@@ -9,6 +9,7 @@ import sys
 
 from . import __version__
 from .config import ConfigError
+from .jobs.interrupts import JobInterrupted
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -314,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before a job took over the signals (while loading, starting Ray, ...)
         print(f"mocoray {args.command}: interrupted", file=sys.stderr)
         return 130
+    except JobInterrupted as sig:  # a second signal while the job was cleaning up after the first
+        print(f"mocoray {args.command}: interrupted again ({sig.name}) while stopping", file=sys.stderr)
+        return sig.exit_code
 
 
 if __name__ == "__main__":
