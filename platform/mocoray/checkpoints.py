@@ -10,6 +10,9 @@ A training checkpoint is a directory of tensors-only files (each loads with
     rng_rank{r}.pt  every worker's RNG states (torch, CUDA, numpy, python)
     meta.json       config, versions, metrics (for people and tools, not needed to resume)
 
+A checkpoint is complete when all these files are there and whole (`is_complete_checkpoint`: an interrupted
+upload can leave a folder half written); resuming takes the newest complete one.
+
 Layouts `backbone_from_state` understands: such a checkpoint's model.pt, an exported backbone (a plain
 torchvision-style state_dict), a checkpoint of the official MoCo code (`{"state_dict":
 {"module.encoder_q.<backbone>...": ...}, "arch": ...}`), and a bare torchvision state_dict. Paths may be

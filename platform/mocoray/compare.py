@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .table import FORMATS, render_table
@@ -122,8 +123,6 @@ def _first(metrics: dict[str, float], names: tuple[str, ...]) -> float | None:
 def open_store(uri: str):
     """A client for an existing store: a local store that is not there is not created (a mistyped path would
     otherwise leave an empty database behind), and a server that does not answer is named as the problem."""
-    from pathlib import Path
-
     for scheme in ("sqlite:///", "file://"):
         if uri.startswith(scheme) and not Path(uri[len(scheme):]).exists():
             raise CompareError(f"no MLflow store at {uri[len(scheme):]} (from {uri}); check --tracking-uri or "

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from ..config import DataConfig
 
-IN_MEMORY_CLASSES = {"scattered-digits": 10, "digits": 10, "cifar10": 10, "cifar100": 100, "stl10": 10}
+KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10}  # by the datasets' definitions
 
 
 @dataclass
@@ -48,7 +48,7 @@ def _peek_source(cfg: DataConfig, enough: int) -> tuple[int | None, int | None]:
         return _peek_folders(cfg.root, cfg.val_root, enough)  # type: ignore[arg-type]
     if cfg.name == "parquet":
         return _peek_shards(cfg.root, cfg.val_root, enough)  # type: ignore[arg-type]
-    return None, IN_MEMORY_CLASSES.get(cfg.name)
+    return None, KNOWN_CLASSES.get(cfg.name)
 
 
 def _count_images(fs: AbstractFileSystem, folder: str, classes: list[str], enough: int) -> int:

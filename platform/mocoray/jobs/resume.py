@@ -23,7 +23,6 @@ class ResumePoint:
     """Where a resumed run continues: its newest complete checkpoint (if any) and the fields it changes."""
 
     checkpoint: str | None
-    completed_epochs: int
     changed: dict[str, Any] = field(default_factory=dict)  # field -> new value, this resume only
     resumed_with: dict[str, Any] = field(default_factory=dict)  # every resume's changes so far
 
@@ -57,7 +56,7 @@ def find_resume_point(run_dir: str, cfg: PretrainConfig) -> ResumePoint:
                           "recipe, start a new run (--set run.name=...) from a checkpoint with --resume-from.")
     if cfg.optim.epochs < done:
         raise ConfigError(f"optim.epochs={cfg.optim.epochs} is below the {done} epochs the run has completed")
-    return ResumePoint(checkpoint, done, changed, {**resumed_with, **changed})
+    return ResumePoint(checkpoint, changed, {**resumed_with, **changed})
 
 
 def record_config(run_dir: str, cfg: PretrainConfig, resumed_with: dict[str, Any]) -> None:
