@@ -244,6 +244,18 @@ def epoch_line(m: dict, cfg: PretrainConfig) -> str:
             f"{m['pairs_per_s']:.0f} pairs/s  {m['epoch_time_s']:.1f}s")
 
 
+def epochs_logged(logger: MetricLogger | None) -> int:
+    """The last epoch the MLflow run already has metrics for (0: none), so that no epoch is logged twice.
+
+    Read before each epoch is logged, as an epoch can be trained again: after a resume from a checkpoint
+    older than the last logged epoch, after a worker-group restart, and the workers of an interrupted attempt
+    can outlive their driver by a few seconds (Ray ends them asynchronously) and log one more epoch.
+    """
+    if logger is None or logger.run_id is None:
+        return 0
+    return safely("read of the logged epochs", last_logged_step, logger.uri, logger.run_id, "loss") or 0
+
+
 def report_nonfinite_loss(err: NonFiniteLossError, epoch: int, state: TrainState, rank: int, status_url: str,
                           logger: MetricLogger | None) -> None:
     """Every rank raised at the same step (the check is all-reduced). No checkpoint is written from here on:
@@ -346,7 +358,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         raise ValueError(f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(data.train)} training images")
     views = two_views(cfg)
     logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
-    logged_through = loop_config.get("logged_through_epoch") or 0  # a resumed run logs no epoch twice
     progress = StepProgress(cfg.progress, cfg.optim.batch_size, cfg.optim.epochs, rank, logger)
     backbone = unwrap(model).encoder_q.backbone
 
@@ -363,7 +374,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for epoch in range(state.epoch, cfg.optim.epochs):
             sampler.set_epoch(epoch)
             t0 = time.perf_counter()
-            progress.start_epoch(epoch, len(loader), log_metrics=epoch + 1 > logged_through)
+            progress.start_epoch(epoch, len(loader), log_metrics=epoch + 1 > epochs_logged(logger))
             try:
                 stats = train_one_epoch(model, loader, optimizer, scaler, views, cfg, epoch, state, device,
                                         channels_last, rank, faults, progress)
@@ -376,7 +387,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 state.knn_top1_last = evaluate_knn(backbone, data, cfg, device, channels_last)
             metrics = epoch_metrics(state, stats, cfg, time.perf_counter() - t0) | monitor.epoch_averages()
             if logger:
-                if state.epoch > logged_through:
+                if state.epoch > epochs_logged(logger):
                     logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
                 runtime.console(epoch_line(metrics, cfg))
             if state.epoch % cfg.run.checkpoint_every == 0 or last:
@@ -479,26 +490,24 @@ def run_pretrain(
 
 
 def _open_tracking(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None,
-                   extra_tags: dict[str, str] | None) -> int | None:
-    """Create (or, resumed, reopen) the MLflow run; returns the last epoch it has metrics for (None: new)."""
+                   extra_tags: dict[str, str] | None) -> None:
+    """Create (or, resumed, reopen) the MLflow run, with the fields this resume changed as a tag."""
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     tags = {JOB_TAG: "pretrain", RUN_DIR_TAG: job.run_dir, **(extra_tags or {})}
     if point and point.resumed_with:
         tags[RESUMED_WITH_TAG] = json.dumps(point.resumed_with, sort_keys=True)
     job.open_tracking(uri, start_run, uri, cfg.tracking.experiment, cfg.run.name,
                       flatten(cfg.model_dump(mode="json")), tags, job.run_dir)
-    if point is None or not job.mlflow_run_id:
-        return None
-    return safely("read of the logged epochs", last_logged_step, uri, job.mlflow_run_id, "loss")
 
 
 def _fit(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None, resume_from: str | None,
          extra_tags: dict[str, str] | None, callbacks: list | None, faults: Faults | None) -> PretrainResult:
     record_config(job.run_dir, cfg, point.resumed_with if point else {})
-    logged_through = _open_tracking(job, cfg, point, extra_tags) if cfg.tracking.enabled else None
+    if cfg.tracking.enabled:
+        _open_tracking(job, cfg, point, extra_tags)
     loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), resume_from=resume_from,
                                   newest_checkpoint=point.checkpoint if point else None,
-                                  logged_through_epoch=logged_through, faults=(faults or Faults()).to_dict())
+                                  faults=(faults or Faults()).to_dict())
     trainer = runtime.make_torch_trainer(train_loop_per_worker, loop_config, cfg.run, job.storage_path, callbacks)
     try:
         result = interrupts.fit(trainer)
