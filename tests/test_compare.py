@@ -112,6 +112,30 @@ def test_plot_is_a_png_with_one_line_per_momentum(local_store, tmp_path):
                   str(tmp_path / "empty.png"), y="AP75")
 
 
+
+def test_compare_with_an_unreachable_server_says_so_and_not_that_the_filter_is_wrong(capsys):
+    from conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["compare", "--tracking-uri", uri, "--filter", "params.`moco.queue_size` = '4096'"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach the MLflow tracking server at {uri}" in err and "--filter" not in err
+
+
+def test_compare_on_a_missing_sqlite_file_says_so_and_creates_none(tmp_path, capsys):
+    mistyped = tmp_path / "mlfow.db"
+    assert main(["compare", "--tracking-uri", f"sqlite:///{mistyped}"]) == 2
+    assert f"no MLflow store at {mistyped}" in capsys.readouterr().err
+    assert not mistyped.exists()
+
+
+def test_compare_shows_the_epochs_a_resumed_run_was_extended_to(local_store):
+    c = mlflow.MlflowClient(local_store["uri"])
+    c.set_tag(local_store["p3"], "mocoray.resumed_with", '{"optim.epochs": 400}')
+    rows = {r["run_id"]: r for r in compare_table(local_store["uri"], "sweep-a").rows}
+    assert rows[local_store["p3"]]["epochs"] == 400 and rows[local_store["p1"]]["epochs"] == 200
+
+
 def test_lineage_and_compare_against_a_real_mlflow_server(ray_session, mlflow_server, tmp_path, capsys):
     """Two pretraining runs with different K, each with a linear run (one chained by the CLI), on HTTP."""
     exp = f"compare-{tmp_path.name}"

@@ -87,6 +87,28 @@ def test_corrupt_image_raises_from_dataset_and_is_skipped_and_counted(image_root
     assert images.shape == (len(train), 3, 16, 16) and images.dtype == torch.uint8 and labels.shape == (6,)
 
 
+
+def test_each_corrupt_file_is_counted_once_and_warned_about_once(tmp_path: Path, caplog) -> None:
+    """66 files, 6 corrupt: a run of 3 adjacent ones, a run of 2 and a single one. Serving every item once
+    (an epoch) counts 6, not 3+2+1 + 2+1 + 1 = 10; a second pass (the next kNN extraction) warns no more."""
+    root = tmp_path / "folder"
+    for cls in ("a", "b"):
+        for i in range(33):
+            _write_image(root / cls / f"{i:02d}.png", seed=i + (cls == "b") * 100)
+    corrupt = [root / "a" / "04.png", root / "a" / "05.png", root / "a" / "06.png",
+               root / "b" / "10.png", root / "b" / "11.png", root / "b" / "20.png"]
+    for path in corrupt:
+        path.write_bytes(b"not an image")
+    dataset = ImageFolderFS(fsspec.filesystem("file"), str(root))
+    assert len(dataset) == 66
+    caplog.set_level("WARNING", logger="mocoray.data.base")
+    for _ in range(2):  # e.g. two kNN passes, each through a new loader over the same files
+        loader = DataLoader(Resized(SkipCorrupt(dataset), 8), batch_size=22, collate_fn=collate_batch)
+        assert sum(skipped for _, _, skipped in loader) == 6
+    warned = [r.getMessage() for r in caplog.records if "skipping corrupt image" in r.getMessage()]
+    assert sorted(w.split(": ")[1] for w in warned) == sorted(str(p) for p in corrupt)
+
+
 @pytest.fixture
 def memory_url():
     url = f"memory://mocoray-test-{uuid.uuid4().hex}"

@@ -39,3 +39,19 @@ def test_contrastive_accuracy_counts_rows_where_the_positive_wins():
 def test_logits_are_float32_under_low_precision_inputs():
     q = torch.randn(2, 4).bfloat16()
     assert moco_logits(q, q, torch.randn(3, 4).bfloat16(), 0.2).dtype == torch.float32
+
+
+def test_logits_and_loss_under_bf16_autocast_match_a_float64_reference():
+    # K 4096, tau 0.07: a bf16 matmul inside autocast is off by ~0.02 in the logits
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(64, 128), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(64, 128), dim=1)
+    queue = torch.nn.functional.normalize(torch.randn(4096, 128), dim=1)
+    ref_logits = moco_logits(q.double(), k.double(), queue.double(), 0.07)
+    ref_loss = info_nce(ref_logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = moco_logits(q, k, queue, 0.07)
+        loss = info_nce(logits)
+    assert logits.dtype == loss.dtype == torch.float32
+    assert (logits.double() - ref_logits).abs().max().item() < 1e-4
+    assert abs(loss.item() - ref_loss.item()) < 1e-5

@@ -10,6 +10,9 @@ A training checkpoint is a directory of tensors-only files (each loads with
     rng_rank{r}.pt  every worker's RNG states (torch, CUDA, numpy, python)
     meta.json       config, versions, metrics (for people and tools, not needed to resume)
 
+A checkpoint is complete when all these files are there and whole (`is_complete_checkpoint`: an interrupted
+upload can leave a folder half written); resuming takes the newest complete one.
+
 Layouts `backbone_from_state` understands: such a checkpoint's model.pt, an exported backbone (a plain
 torchvision-style state_dict), a checkpoint of the official MoCo code (`{"state_dict":
 {"module.encoder_q.<backbone>...": ...}, "arch": ...}`), and a bare torchvision state_dict. Paths may be
@@ -21,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,9 @@ from . import storage
 
 MODEL_FILE = "model.pt"
 BACKBONE_PREFIX = "encoder_q.backbone."
+TRAINING_FILES = (MODEL_FILE, "optimizer.pt", "scaler.pt", "train_state.pt")
+ZIP_END = b"PK\x05\x06"  # a torch.save file is a zip archive; its end record is written last
+ZIP_END_SEARCH = 22 + 65535  # the end record's size plus the longest archive comment
 
 
 def _load(path: str) -> Any:
@@ -38,11 +45,18 @@ def _load(path: str) -> Any:
     buffer = io.BytesIO(storage.read_bytes(path))
     try:
         return torch.load(buffer, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError and friends, with torch's explanation
-        raise ValueError(
-            f"refusing to load {path}: it is not a tensors-only checkpoint (torch.load weights_only=True "
-            f"failed: {str(err).splitlines()[0]})"
-        ) from None
+    except Exception as err:  # pickle.UnpicklingError and friends
+        raise ValueError(f"refusing to load {path}: {_why_refused(err)}") from None
+
+
+def _why_refused(err: Exception) -> str:
+    """torch's reason in our words. Its own message suggests weights_only=False, which would run whatever
+    code the file holds: that is not a way round for files from anywhere, so it is not repeated."""
+    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if unsupported:
+        return (f"it holds a pickled {unsupported.group(1)} object, and checkpoints are loaded with "
+                "torch.load(weights_only=True), which accepts tensors and plain containers only")
+    return f"not a torch checkpoint (torch.load with weights_only=True cannot read it: {type(err).__name__})"
 
 
 def load_checkpoint_file(source: str) -> Any:
@@ -113,6 +127,39 @@ def load_training_checkpoint(directory: str | Path, rank: int) -> dict[str, Any]
 
 def read_meta(directory: str) -> dict[str, Any]:
     return storage.read_json(storage.join(directory, "meta.json"))
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def checkpoint_epoch(path: str) -> int | None:
+    """The epoch in a checkpoint directory's name (`.../epoch_0012` -> 12), None for other names."""
+    found = re.search(r"epoch_(\d+)$", path.rstrip("/"))
+    return int(found.group(1)) if found else None
+
+
+def _complete_torch_file(url: str) -> bool:
+    return storage.exists(url) and ZIP_END in storage.read_tail(url, ZIP_END_SEARCH)
+
+
+def is_complete_checkpoint(directory: str) -> bool:
+    """Every file of a training checkpoint is there and whole (an interrupt can leave an upload half done)."""
+    try:
+        meta = read_meta(directory)
+    except (OSError, ValueError):
+        return False
+    ranks = [f"rng_rank{r}.pt" for r in range(int(meta.get("world_size", 1)))]
+    return all(_complete_torch_file(storage.join(directory, name)) for name in (*TRAINING_FILES, *ranks))
+
+
+def newest_complete_checkpoint(run_dir: str) -> str | None:
+    """The training checkpoint `run_dir/epoch_NNNN` with the highest epoch whose files are all complete."""
+    names = [n for n in storage.list_names(run_dir) if checkpoint_epoch(n) is not None]
+    for name in sorted(names, key=checkpoint_epoch, reverse=True):  # type: ignore[arg-type]
+        if is_complete_checkpoint(storage.join(run_dir, name)):
+            return storage.join(run_dir, name)
+    return None
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

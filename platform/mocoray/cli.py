@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
+from . import __version__
 from .config import ConfigError
+from .jobs.interrupts import JobInterrupted
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -19,7 +22,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from .config import load_config
     from .config.pretrain import DEFAULT_RECIPE
-    from .jobs.pretrain import PretrainFailed, run_pretrain
+    from .jobs.pretrain import PretrainFailed, PretrainInterrupted, run_pretrain
 
     cfg = load_config(args.recipe or DEFAULT_RECIPE, args.overrides)
     if args.print_config:
@@ -28,7 +31,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         res = run_pretrain(cfg, address=args.address, resume=args.resume, resume_from=args.resume_from)
     except PretrainFailed as err:
         print(f"mocoray pretrain: {err}", file=sys.stderr)
-        return 1
+        if isinstance(err, PretrainInterrupted) and not args.resume and "--resume" in str(err):
+            print(f"  mocoray {shlex.join([*args.argv, '--resume'])}", file=sys.stderr)
+        return err.exit_code
     m = res.metrics
     print(f"\nrun dir:     {res.run_dir}\ncheckpoint:  {res.checkpoint}\nbackbone:    {res.backbone_path}")
     if "knn_top1" in m:
@@ -72,7 +77,7 @@ def _linear_eval(cfg, address: str | None, resume: bool = False) -> int:
         res = run_linear_eval(cfg, address=address, resume=resume)
     except LinearEvalFailed as err:
         print(f"mocoray linear-eval: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
     except (LookupError, ValueError) as err:  # unknown run, unusable checkpoint, wrong architecture
         print(f"mocoray linear-eval: {err}", file=sys.stderr)
         return 2
@@ -252,6 +257,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mocoray", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mocoray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="MoCo pretraining on Ray Train")
@@ -353,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     set_command_line(["mocoray", *(sys.argv[1:] if argv is None else argv)])  # what each job's run records
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to repeat the command in hints
     try:
         return args.func(args)
     except ConfigError as err:
@@ -361,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"mocoray {args.command}: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a job took over the signals (while loading, starting Ray, ...)
+        print(f"mocoray {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except JobInterrupted as sig:  # a second signal while the job was cleaning up after the first
+        print(f"mocoray {args.command}: interrupted again ({sig.name}) while stopping", file=sys.stderr)
+        return sig.exit_code
 
 
 if __name__ == "__main__":

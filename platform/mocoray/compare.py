@@ -11,10 +11,11 @@ import io
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .table import FORMATS, render_table
-from .tracking import JOB_TAG, PRETRAIN_RUN_TAG, client, resolve_tracking_uri
+from .tracking import JOB_TAG, PRETRAIN_RUN_TAG, client, effective_params, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,20 @@ def _registrations(c) -> dict[str, dict[str, str]]:
             cols["registered"].append(f"{mv.name}/{mv.version}")
             cols["alias"] += aliases.get((mv.name, str(mv.version)), [])
     return {rid: {k: " ".join(sorted(v)) for k, v in cols.items()} for rid, cols in out.items()}
+def open_store(uri: str):
+    """A client for an existing store: a local store that is not there is not created (a mistyped path would
+    otherwise leave an empty database behind), and a server that does not answer is named as the problem."""
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme) and not Path(uri[len(scheme):]).exists():
+            raise CompareError(f"no MLflow store at {uri[len(scheme):]} (from {uri}); check --tracking-uri or "
+                               "$MLFLOW_TRACKING_URI")
+    c = client(uri)
+    try:
+        c.search_experiments(max_results=1)
+    except Exception as err:
+        first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        raise CompareError(f"cannot reach the MLflow tracking server at {uri}: {first}") from None
+    return c
 
 
 def compare_table(
@@ -190,7 +205,7 @@ def compare_table(
     from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(tracking_uri)
-    c = client(uri)
+    c = open_store(uri)
     sort_col = column(sort) if sort else None
     try:
         exp_ids = _experiment_ids(c, experiment, uri)
@@ -206,7 +221,7 @@ def compare_table(
 
     rows = []
     for run in pretrain:
-        rid, params, metrics = run.info.run_id, run.data.params, run.data.metrics
+        rid, params, metrics = run.info.run_id, effective_params(run.data.params, run.data.tags), run.data.metrics
         row: dict[str, Any] = {"run_id": rid, "run": run.info.run_name}
         row.update({short: _number(params.get(long)) for short, long in PARAMS.items()})
         row["knn_top1"] = metrics.get("knn_top1")

@@ -38,6 +38,23 @@ def remove(url: str, recursive: bool = False) -> None:
     fs.rm(path, recursive=recursive)
 
 
+def list_names(url: str) -> list[str]:
+    """Names of the entries directly under the folder `url` (empty if it does not exist)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.isdir(path):
+        return []
+    return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
+
+
+def read_tail(url: str, n: int) -> bytes:
+    """The last `n` bytes of the file at `url` (all of it if it is shorter)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    size = fs.size(path)
+    with fs.open(path, "rb") as f:
+        f.seek(max(0, size - n))
+        return f.read()
+
+
 def read_bytes(url: str) -> bytes:
     with fsspec.open(url, "rb") as f:
         return f.read()

@@ -7,6 +7,7 @@ server is unreachable the loss of metrics is reported as a warning and training 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -24,6 +25,8 @@ STATUS_TAG = "mocoray.status"
 BACKBONE_TAG = "mocoray.backbone"
 ENCODER_TAG = "mocoray.encoder_artifact"  # runs:/<run id>/encoder once the exported backbone is logged
 RUN_DIR_TAG = "mocoray.run_dir"
+# JSON {field: value} of the config fields a `--resume` changed; MLflow params cannot change once logged
+RESUMED_WITH_TAG = "mocoray.resumed_with"
 MLFLOW_PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests child runs under their parent in the UI
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
 
@@ -112,6 +115,23 @@ def start_run(
     return run_id
 
 
+def release_run_key(uri: str, run_id: str) -> None:
+    """Forget which run folder `run_id` belonged to: the next job with that folder starts a new MLflow run."""
+    client(uri).delete_tag(run_id, RUN_KEY_TAG)
+
+
+def last_logged_step(uri: str, run_id: str, key: str) -> int | None:
+    """The highest step at which metric `key` was logged in `run_id` (None if never)."""
+    steps = [m.step for m in client(uri).get_metric_history(run_id, key)]
+    return max(steps) if steps else None
+
+
+def effective_params(params: dict[str, str], tags: dict[str, str]) -> dict[str, str]:
+    """A run's params with the values its resumes changed (tag `mocoray.resumed_with`) in place of the first."""
+    changed = json.loads(tags.get(RESUMED_WITH_TAG) or "{}")
+    return {**params, **{k: param_value(v) for k, v in changed.items()}}
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
     from mlflow.entities import RunTag
 
@@ -179,7 +199,7 @@ def run_lineage(uri: str, run_id: str) -> dict[str, Any]:
         "checkpoint": run.data.tags.get(CHECKPOINT_TAG),
         "backbone": run.data.tags.get(BACKBONE_TAG),
         "encoder_artifact": run.data.tags.get(ENCODER_TAG),
-        "params": dict(run.data.params),
+        "params": effective_params(run.data.params, run.data.tags),
     }
 
 

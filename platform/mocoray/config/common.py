@@ -171,15 +171,32 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"--set {text!r}: empty key")
-    return key, yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({_yaml_problem(err)}); "
+                          f"quote text that is not meant as YAML, e.g. --set '{key}=\"{raw}\"'") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's explanation on one line, with 1-based line and column numbers."""
+    parts = []
+    for what, mark in (("context", "context_mark"), ("problem", "problem_mark")):
+        text, where = getattr(err, what, None), getattr(err, mark, None)
+        if text:
+            parts.append(f"{text} (line {where.line + 1}, column {where.column + 1})" if where else text)
+    return ": ".join(parts) or str(err).splitlines()[0]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    with p.open() as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with p.open() as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections (model, moco, data, optim, run, ...)")
     return data

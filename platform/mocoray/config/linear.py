@@ -64,6 +64,9 @@ class LinearProtocolConfig(Section):
     val_resize: int | None = Field(
         None, ge=8, description="shorter side before the centre crop of data.image_size (ImageNet: 256 -> 224)"
     )
+    feature_norm: Literal["none", "batchnorm"] = Field(
+        "none", description="batchnorm: an affine-free BatchNorm of the features before the fc layer (as later "
+        "MoCo and MAE linear probes use), so the lr no longer depends on the encoder's feature scale")
     eval_every: int = Field(1, ge=1, description="epochs between validation passes (the last epoch always runs)")
     eval_batch_size: int = Field(256, ge=1, description="per-worker batch of validation / feature extraction")
 

@@ -81,6 +81,15 @@ class KnnConfig(Section):
     max_bank: int | None = Field(None, ge=1, description="cap on labelled images in the kNN bank")
 
 
+class ProgressConfig(Section):
+    """What rank 0 tells inside an epoch (an ImageNet epoch takes minutes even on fast GPUs)."""
+
+    print_every_steps: int | None = Field(None, ge=1, description="print a progress line every N steps")
+    print_every_s: float | None = Field(60.0, gt=0.0, description="... and at least every this many seconds")
+    log_every_steps: int = Field(50, ge=0, description="step_loss / step_lr / step_pairs_per_s to MLflow "
+                                 "every N steps (step = global step; 0 = off)")
+
+
 class PretrainConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     moco: MocoConfig = Field(default_factory=MocoConfig)
@@ -89,6 +98,7 @@ class PretrainConfig(Section):
     knn: KnnConfig = Field(default_factory=KnnConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    progress: ProgressConfig = Field(default_factory=ProgressConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> PretrainConfig:
@@ -106,6 +116,23 @@ class PretrainConfig(Section):
         if self.optim.warmup_epochs >= self.optim.epochs and self.optim.warmup_epochs > 0:
             raise ValueError(f"optim.warmup_epochs={self.optim.warmup_epochs} must be < optim.epochs={self.optim.epochs}")
         return self
+
+
+# What `--resume` may change: how long the run trains, and how it is run, monitored, checkpointed and fed.
+# Everything else shapes the checkpointed state (K, dim, arch, head) or the recipe its epochs so far followed
+# (lr, batch, augmentation, seed, ...), so it must match the run being continued. A name ending in "." allows
+# the whole section.
+RESUMABLE_FIELDS = (
+    "optim.epochs", "knn.every", "knn.max_bank", "progress.",
+    "run.num_workers", "run.use_gpu", "run.cpus_per_worker", "run.gpus_per_worker", "run.torch_threads",
+    "run.max_failures", "run.checkpoint_every", "run.keep_checkpoints", "run.amp", "run.channels_last",
+    "run.compile", "data.root", "data.val_root", "data.loader_workers", "data.augment", "data.decode",
+    "tracking.enabled", "tracking.tracking_uri",
+)
+
+
+def resumable(field: str) -> bool:
+    return any(field == name or (name.endswith(".") and field.startswith(name)) for name in RESUMABLE_FIELDS)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:

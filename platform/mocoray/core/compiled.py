@@ -4,8 +4,8 @@ What is compiled: the forward of `encoder_q` (its backward follows through AOTAu
 `encoder_k` (always called under no_grad, so one inference graph). `nn.Module.compile` compiles in
 place, so `state_dict` keys, checkpoints, DDP wrapping and `momentum_update` see the same modules.
 
-What is not: `MoCo.forward`'s key shuffle (all-gathers, a broadcast, `randperm`), the queue (`enqueue`
-reads its pointer on the host) and `train_step` (one host sync, the optimiser step). Collectives and
+What is not: `MoCo.forward`'s key shuffle (all-gathers, a broadcast, `randperm`), the queue (its write
+pointer is a Python int) and `train_step` (one host sync, the optimiser step). Collectives and
 host syncs inside a graph would break it into pieces or bake in values; left outside, every compiled
 graph is a pure tensor program that runs the same on every rank.
 """

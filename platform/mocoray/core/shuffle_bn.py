@@ -167,7 +167,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if n < 2:
             raise ValueError(f"SplitBatchNorm: sub-batches of {N // G} x {H} x {W} = 1 value per channel; "
                              "batch norm needs more than one")
-        momentum = self.momentum if self.momentum is not None else 0.1
+        # BN's own rule: the momentum, or with momentum None a cumulative average (used to recompute statistics)
+        momentum = self.momentum if self.momentum is not None else 1.0 / (int(self.num_batches_tracked) + 1)
         if x.is_contiguous():
             return self._forward_reshaped(x, momentum)
         weight = self.weight if self.affine else torch.ones(C, device=x.device)

@@ -6,7 +6,7 @@ label is an int (-1 when unknown). Datasets that hold all images in memory as on
 
 Decoding can fail on real data. A dataset raises `CorruptImageError` for such an item;
 `SkipCorrupt` then serves the next readable item instead (so every batch keeps its size, which
-shuffle BN needs) and reports how many it skipped, so the loop can count and log them.
+shuffle BN needs) and reports that it replaced the item, so the loop can count and log it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
+_warned: set[str] = set()  # corrupt files this process has reported (a warning per file, not one per pass)
 
 
 class CorruptImageError(RuntimeError):
@@ -89,12 +90,16 @@ def to_uint8_tensor(img, size: int | None = None) -> torch.Tensor:
 
 
 class SkipCorrupt(Dataset):
-    """Items as `(image, label, skipped)`: a corrupt item is replaced by the next readable one."""
+    """Items as `(image, label, replaced)`: a corrupt item is replaced by the next readable one.
+
+    `replaced` is 1 when item i itself was corrupt, else 0. Counting that (not how many files were passed
+    over to find a readable one) counts each corrupt file once per pass: a run of r adjacent corrupt files
+    is r items, each requested once, not r + (r-1) + ... + 1 skips.
+    """
 
     def __init__(self, base: Dataset, max_consecutive: int = 100) -> None:
         self.base = base
         self.max_consecutive = max_consecutive
-        self._warned: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -105,10 +110,11 @@ class SkipCorrupt(Dataset):
             j = (i + skipped) % n
             try:
                 img, label = self.base[j]
-                return img, label, skipped
+                return img, label, int(skipped > 0)
             except CorruptImageError as err:
-                if j not in self._warned:
-                    self._warned.add(j)
+                source = str(err).split(": ", 1)[0]  # messages are "<file or shard row>: <reason>"
+                if source not in _warned:
+                    _warned.add(source)
                     log.warning("skipping corrupt image: %s", err)
         raise RuntimeError(f"{self.max_consecutive} consecutive corrupt images from index {i}; is the dataset readable?")
 
@@ -158,15 +164,20 @@ def collate_batch(items: list) -> tuple:
     return torch.stack([it[0] for it in items]), labels, skipped
 
 
+def subset(dataset: Dataset, indices) -> Dataset:
+    """The items `indices` of `dataset` (an in-memory set stays one tensor)."""
+    if isinstance(dataset, TensorImages):
+        return dataset.subset(indices)
+    from torch.utils.data import Subset
+
+    return Subset(dataset, list(indices))
+
+
 def take(dataset: Dataset, n: int | None) -> Dataset:
     """The first `n` items of `dataset` (all of them when `n` is None or larger)."""
     if n is None or len(dataset) <= n:  # type: ignore[arg-type]
         return dataset
-    if isinstance(dataset, TensorImages):
-        return dataset.subset(range(n))
-    from torch.utils.data import Subset
-
-    return Subset(dataset, range(n))
+    return subset(dataset, range(n))
 
 
 def image_batches(dataset: Dataset, indices: list[int], batch_size: int, size: int, loader_workers: int = 0):

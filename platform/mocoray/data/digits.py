@@ -57,6 +57,14 @@ def render_scattered(sources: torch.Tensor, placements: int, generator: torch.Ge
     return _to_uint8_rgb(out)
 
 
+def train_size(scattered: bool) -> int:
+    """Training images of `scattered-digits` (scattered) or `digits`, without rendering them."""
+    from sklearn.datasets import load_digits
+
+    train_src, _ = _split_sources(len(load_digits().target))
+    return len(train_src) * (PLACEMENTS if scattered else 1)
+
+
 def scattered_digits() -> tuple[TensorImages, TensorImages]:
     """(train, val) splits of scattered digits; the train split doubles as the kNN bank."""
     images, labels = _source_digits()

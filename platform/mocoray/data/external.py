@@ -16,6 +16,7 @@ from __future__ import annotations
 import pickle
 import posixpath
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -246,9 +247,19 @@ class ImageFolderFS(Dataset):
         return decode_image(data, display(self.fs, self.paths[i])), label
 
 
-def imagefolder_dirs(root: str, val_root: str | None = None
-                    ) -> tuple[tuple[AbstractFileSystem, str], tuple[AbstractFileSystem, str, str]]:
-    """((fs, train folder), (fs, val folder, its config field)) of an ImageFolder dataset, checked to exist."""
+@dataclass
+class FolderLayout:
+    """Where an image-folder dataset's splits are; `val_field` is the config field that names the val folder."""
+
+    fs: AbstractFileSystem
+    train_dir: str
+    fs_val: AbstractFileSystem
+    val_dir: str
+    val_field: str
+
+
+def imagefolder_layout(root: str, val_root: str | None = None) -> FolderLayout:
+    """The train and val folders of `imagefolder_splits`, checked to exist (nothing listed yet)."""
     fs, path = resolve(root, "data.root")
     train_dir = posixpath.join(path, "train")
     if not fs.isdir(train_dir):
@@ -268,7 +279,7 @@ def imagefolder_dirs(root: str, val_root: str | None = None
             raise DatasetNotFoundError(
                 f"data.val_root is not set and {root}/val does not exist (data.root={root})"
             )
-    return (fs, train_dir), (fs_val, val_dir, field_name)
+    return FolderLayout(fs, train_dir, fs_val, val_dir, field_name)
 
 
 def imagefolder_splits(root: str, val_root: str | None = None) -> tuple[ImageFolderFS, ImageFolderFS, int]:
@@ -276,9 +287,9 @@ def imagefolder_splits(root: str, val_root: str | None = None) -> tuple[ImageFol
 
     With `val_root` given, `root` may also be the train folder itself. Val is labelled with train's
     class index; a val class folder unknown to train is an error."""
-    (fs, train_dir), (fs_val, val_dir, field_name) = imagefolder_dirs(root, val_root)
-    train = ImageFolderFS(fs, train_dir, field_name="data.root")
-    val = ImageFolderFS(fs_val, val_dir, classes=train.classes, field_name=field_name)
+    layout = imagefolder_layout(root, val_root)
+    train = ImageFolderFS(layout.fs, layout.train_dir, field_name="data.root")
+    val = ImageFolderFS(layout.fs_val, layout.val_dir, classes=train.classes, field_name=layout.val_field)
     return train, val, train.num_classes
 
 
@@ -310,9 +321,10 @@ def _parquet_layout(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[s
     return find_shards(fs, path, url, "data.root"), None
 
 
-def parquet_shards(root: str, val_root: str | None = None
-                   ) -> tuple[tuple[AbstractFileSystem, list[str]], tuple[AbstractFileSystem, list[str]]]:
-    """((fs, train shards), (fs, val shards)) of a Parquet dataset; see `parquet_splits` for the layouts."""
+def parquet_shards(
+    root: str, val_root: str | None = None
+) -> tuple[AbstractFileSystem, list[str], AbstractFileSystem, list[str]]:
+    """(fs, train shards, val fs, val shards) of `parquet_splits`, found but not read."""
     fs, path = resolve(root, "data.root")
     train_shards, val_shards = _parquet_layout(fs, path, root)
     # find the val shards before reading train into memory, so a missing val split fails fast
@@ -326,7 +338,7 @@ def parquet_shards(root: str, val_root: str | None = None
             f"data.val_root is not set and data.root={root} has no labelled val split: expected {root}/train + "
             f"{root}/val sub-folders (or train-*/validation-* shard names), or set data.val_root"
         )
-    return (fs, train_shards), (fs_val, val_shards)
+    return fs, train_shards, fs_val, val_shards
 
 
 def parquet_splits(root: str, val_root: str | None = None) -> tuple[ParquetImages, ParquetImages, int]:
@@ -336,7 +348,7 @@ def parquet_splits(root: str, val_root: str | None = None) -> tuple[ParquetImage
     next to `root/train`, else `validation-*`/`val-*`/`test-*` shards next to `train-*` ones."""
     from .parquet import ParquetImages
 
-    (fs, train_shards), (fs_val, val_shards) = parquet_shards(root, val_root)
+    fs, train_shards, fs_val, val_shards = parquet_shards(root, val_root)
     train, val = ParquetImages(fs, train_shards), ParquetImages(fs_val, val_shards)
     if train.classes is not None and val.classes is not None and train.classes != val.classes:
         raise ValueError(

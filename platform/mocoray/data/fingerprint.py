@@ -122,13 +122,14 @@ def _splits(cfg: DataConfig, pretraining: bool) -> dict[str, tuple[int, list, st
         return _digits_splits(name)
     if name == "synthetic":
         return _synthetic_splits(cfg)
-    from .external import binary_split_files, imagefolder_dirs, parquet_shards
+    from .external import binary_split_files, imagefolder_layout, parquet_shards
 
     if name == "imagefolder":
-        (fs, train_dir), (fs_val, val_dir, _field) = imagefolder_dirs(cfg.root, cfg.val_root)  # type: ignore[arg-type]
+        layout = imagefolder_layout(cfg.root, cfg.val_root)  # type: ignore[arg-type]
+        fs, train_dir, fs_val, val_dir = layout.fs, layout.train_dir, layout.fs_val, layout.val_dir
         return {"train": _imagefolder_split(fs, train_dir), "val": _imagefolder_split(fs_val, val_dir)}
     if name == "parquet":
-        (fs, train), (fs_val, val) = parquet_shards(cfg.root, cfg.val_root)  # type: ignore[arg-type]
+        fs, train, fs_val, val = parquet_shards(cfg.root, cfg.val_root)  # type: ignore[arg-type]
         return {"train": _parquet_split(fs, train), "val": _parquet_split(fs_val, val)}
     fs, files = binary_split_files(name, cfg.root)  # type: ignore[arg-type]
     out = {split: _binary_split(name, fs, files[split], split) for split in ("train", "val")}

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 CLASSES_KEY = b"mocoray.classes"
 
 
-def _classes_from_metadata(metadata: dict[bytes, bytes] | None) -> list[str] | None:
+def classes_from_metadata(metadata: dict[bytes, bytes] | None) -> list[str] | None:
     """Class names written by `write_parquet_shards`, or by HuggingFace `datasets` (a ClassLabel `label`)."""
     if not metadata:
         return None
@@ -76,7 +76,7 @@ class ParquetImages(Dataset):
                 labels.append(pc.fill_null(table.column("label"), -1).to_numpy().astype(np.int64))
             else:
                 labels.append(np.full(table.num_rows, -1, dtype=np.int64))
-            shard_classes = _classes_from_metadata(schema.metadata)
+            shard_classes = classes_from_metadata(schema.metadata)
             if self.classes is None:
                 self.classes = shard_classes
             elif shard_classes is not None and shard_classes != self.classes:

@@ -6,6 +6,7 @@ A job takes a `Faults` through its Python API (`run_pretrain(cfg, faults=...)`);
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,11 +26,17 @@ class Faults:
     # checkpoint reported less than one poll before a crash dies with the worker.
     crash_delay_s: float = 5.0
     unfreeze_backbone: bool = False  # linear evaluation trains the backbone too: its check must fail the run
+    # rank 0 sends SIGINT to the driver right after this epoch's checkpoint is reported: the moment an
+    # interrupt leaves a checkpoint on disk that Ray's controller has not registered yet
+    interrupt_driver_after_epoch: int | None = None
+    driver_pid: int | None = None  # filled in on the driver by to_dict
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if self.crash_marker:
             d["crash_marker"] = str(Path(self.crash_marker).resolve())
+        if self.interrupt_driver_after_epoch is not None:
+            d["driver_pid"] = os.getpid()
         return d
 
     def maybe_crash(self, epoch: int, rank: int) -> None:
@@ -46,3 +53,8 @@ class Faults:
     def poison(self, images: torch.Tensor, step: int, rank: int) -> torch.Tensor:
         """NaN images at the configured step on rank 0, so the loss turns non-finite there only."""
         return images * float("nan") if self.nan_at_step == step and rank == 0 else images
+
+    def maybe_interrupt_driver(self, epoch: int, rank: int) -> None:
+        if self.interrupt_driver_after_epoch == epoch and rank == 0 and self.driver_pid:
+            console(f"fault injection: SIGINT to the driver after epoch {epoch}'s checkpoint")
+            os.kill(self.driver_pid, signal.SIGINT)

@@ -2,10 +2,12 @@
 
 Driver: resolve the encoder (`encoders.py`), load it once to fail early, open the MLflow run with its
 lineage tags, fit a TorchTrainer, close the run.
-Worker: frozen backbone (eval mode, requires_grad False) + a new fc layer (the only trained module, DDP
-across workers) -> epochs of `train_one_epoch` on augmented / centre-crop views or on cached centre-crop
-features -> `evaluate` (top-1 / top-5 on the validation split) -> a bit-identical check of every backbone
-tensor (parameters and BN statistics) after every epoch; any change fails the run.
+Worker: frozen backbone (eval mode, requires_grad False; a random-init one first gets BN statistics
+recomputed on training images) + a new fc layer, optionally after an affine-free BatchNorm of the features
+(`linear.feature_norm`; the only trained module, DDP across workers) -> epochs of `train_one_epoch` on
+augmented / centre-crop views or on cached centre-crop features -> `evaluate` (top-1 / top-5 on the
+validation split) -> a bit-identical check of every backbone tensor (parameters and BN statistics) after
+every epoch; any change fails the run.
 
 Protocols (`linear.mode`): `augmented` is the paper's (RandomResizedCrop + flip for training, resize +
 centre crop for validation); `center` trains on the centre-crop views instead; `cached` extracts the
@@ -17,6 +19,7 @@ whose crops change every epoch.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -54,8 +57,10 @@ from ..tracking import (
     start_run,
 )
 from ..tracking_artifacts import log_environment, record_job_start
-from . import runtime
+from . import interrupts, runtime
+from .calibration import recompute_bn_on_images
 from .faults import Faults
+from .preflight import check_linear_inputs
 
 LINEAR_RUN_TAG = "mocoray.linear_run_id"  # set on the pretraining run: its newest linear evaluation
 FC_CHECKPOINT_TAG = "mocoray.fc_checkpoint"  # the linear run's own checkpoint (the trained fc layer)
@@ -67,6 +72,8 @@ class BackboneChangedError(RuntimeError):
 
 class LinearEvalFailed(RuntimeError):
     """The linear evaluation did not complete; `result` holds what it left behind, if anything."""
+
+    exit_code = 1  # 130 / 143 when a signal stopped it
 
     def __init__(self, message: str, result: LinearResult | None = None) -> None:
         super().__init__(message)
@@ -101,6 +108,22 @@ def assert_backbone_unchanged(backbone: nn.Module, reference: dict[str, torch.Te
             f"differ (first: {', '.join(changed[:4])}). The protocol requires eval mode and no gradients "
             "for the backbone; its result is not a linear evaluation."
         )
+
+
+class LinearHead(nn.Module):
+    """What the linear protocol trains: an fc layer, after an affine-free BatchNorm of the features with
+    `feature_norm="batchnorm"` (it only standardises them, so the fc's lr stops depending on the encoder's
+    feature scale; it has no weights, so the classifier stays linear in the features at evaluation)."""
+
+    def __init__(self, feat_dim: int, num_classes: int, feature_norm: str = "none") -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(feat_dim, affine=False) if feature_norm == "batchnorm" else nn.Identity()
+        self.fc = nn.Linear(feat_dim, num_classes)
+        self.fc.weight.data.normal_(mean=0.0, std=0.01)
+        self.fc.bias.data.zero_()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(features))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,9 +312,9 @@ def evaluate(classifier: nn.Module, batches, device: torch.device, sharded: bool
     return c1 / n, c5 / n
 
 
-def report_with_checkpoint(fc: nn.Linear, optimizer: torch.optim.Optimizer | None, metrics: dict, cfg: LinearConfig,
-                           loop_config: dict, rank: int, world: int) -> None:
-    """Report `metrics` to Ray with a checkpoint of the fc layer (rank 0 writes it)."""
+def report_with_checkpoint(head: nn.Module, optimizer: torch.optim.Optimizer | None, metrics: dict,
+                           cfg: LinearConfig, loop_config: dict, rank: int, world: int) -> None:
+    """Report `metrics` to Ray with a checkpoint of the linear head (rank 0 writes it)."""
     import ray.train
 
     epoch_no = metrics["epoch"]
@@ -299,7 +322,7 @@ def report_with_checkpoint(fc: nn.Linear, optimizer: torch.optim.Optimizer | Non
         save_training_checkpoint(
             tmp,
             rank=rank,
-            model_state={f"fc.{k}": v for k, v in fc.state_dict().items()} if rank == 0 else None,
+            model_state=head.state_dict() if rank == 0 else None,
             optimizer_state=optimizer.state_dict() if rank == 0 and optimizer is not None else None,
             scaler_state=None,
             train_state={"epoch": epoch_no, "linear_top1": metrics["linear_top1"],
@@ -311,11 +334,12 @@ def report_with_checkpoint(fc: nn.Linear, optimizer: torch.optim.Optimizer | Non
                          checkpoint_dir_name=f"epoch_{epoch_no:04d}")
 
 
-def logreg_protocol(source: CachedFeatures, fc: nn.Linear, cfg: LinearConfig, loop_config: dict,
+def logreg_protocol(source: CachedFeatures, head: LinearHead, cfg: LinearConfig, loop_config: dict,
                     logger: MetricLogger | None, rank: int, world: int, device: torch.device) -> None:
     """`linear.mode=logreg`: one scikit-learn fit on rank 0, stored as the fc layer; no epochs."""
     t0 = time.perf_counter()
     top = [0.0, 0.0]
+    fc = head.fc
     if rank == 0:
         res = fit_logreg(source.train_f, source.train_y, source.val_f, source.val_y, cfg.run.seed)
         fc.weight.data.copy_(res.weight[: fc.out_features])
@@ -327,7 +351,7 @@ def logreg_protocol(source: CachedFeatures, fc: nn.Linear, cfg: LinearConfig, lo
         logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=1)
         runtime.console(f"logistic regression on standardised features: val top-1 {top1:.4f}  top-5 {top5:.4f}  "
                         f"({metrics['epoch_time_s']:.1f}s)")
-    report_with_checkpoint(fc, None, metrics, cfg, loop_config, rank, world)
+    report_with_checkpoint(head, None, metrics, cfg, loop_config, rank, world)
     if rank == 0:
         runtime.write_status(loop_config["status_url"], {"status": "completed", "epoch": 1,
                                                           "linear_top1": top1, "linear_top5": top5})
@@ -354,17 +378,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     backbone.to(device)
     if cfg.run.channels_last:
         backbone.to(memory_format=torch.channels_last)
+    if encoder.source is None:  # a random-init baseline, made fair (see recompute_bn_on_images)
+        images = train_center if train_center is not None else center_views(train_raw, size, cfg.linear.val_resize)
+        recompute_bn_on_images(backbone, images, size, device, cfg.run.channels_last, cfg.data.loader_workers)
     reference = backbone_snapshot(backbone)
     if unfrozen:
         backbone.requires_grad_(True)
         backbone.train()
 
     torch.manual_seed(cfg.run.seed)  # the same fc on every rank and in every protocol
-    fc = nn.Linear(feat_dim, num_classes)
-    fc.weight.data.normal_(mean=0.0, std=0.01)
-    fc.bias.data.zero_()
-    fc.to(device)
-    params = list(fc.parameters()) + (list(backbone.parameters()) if unfrozen else [])
+    head = LinearHead(feat_dim, num_classes, cfg.linear.feature_norm).to(device)
+    params = list(head.parameters()) + (list(backbone.parameters()) if unfrozen else [])
     optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.sgd_momentum,
                                 weight_decay=cfg.optim.weight_decay)
 
@@ -373,13 +397,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             saved = load_training_checkpoint(ckpt_dir, rank)
-        fc.load_state_dict({k.removeprefix("fc."): v for k, v in saved["model"].items()})
+        head.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         progress = saved["train_state"]
         start_epoch, top1, top5 = int(progress["epoch"]), progress.get("linear_top1"), progress.get("linear_top5")
         if rank == 0:
             runtime.console(f"resumed the linear evaluation after epoch {start_epoch}")
-    classifier = ray.train.torch.prepare_model(fc, move_to_device=False) if world > 1 else fc
+    classifier = ray.train.torch.prepare_model(head, move_to_device=False) if world > 1 else head
 
     t0 = time.perf_counter()
     if mode in ("cached", "logreg"):
@@ -396,11 +420,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sharded_val = isinstance(source, StreamedFeatures)
 
     logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
-    if mode == "logreg":
-        logreg_protocol(source, fc, cfg, loop_config, logger, rank, world, device)  # type: ignore[arg-type]
-        return
     if rank == 0:
         log_environment(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"), world, device)
+    if mode == "logreg":
+        logreg_protocol(source, head, cfg, loop_config, logger, rank, world, device)  # type: ignore[arg-type]
+        return
+    if rank == 0:
         runtime.console(f"linear eval ({mode}) of {encoder.label}: {encoder.arch}, {feat_dim}-d features, {num_classes} classes, "
                 f"{source.num_train} train / {len(val_center)} val images, {world} worker(s), "
                 f"{steps_per_epoch} steps/epoch" + (f"; features cached in {extract_s:.1f}s" if mode in ("cached", "logreg") else ""))
@@ -435,7 +460,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Ray gets a report (a barrier, ~1-2 s in Train V2) only with a checkpoint: a cached-feature epoch
         # takes milliseconds, and MLflow already has every epoch's metrics.
         if epoch_no % cfg.run.checkpoint_every == 0 or last:
-            report_with_checkpoint(fc, optimizer, metrics, cfg, loop_config, rank, world)
+            report_with_checkpoint(head, optimizer, metrics, cfg, loop_config, rank, world)
     if rank == 0:
         runtime.write_status(loop_config["status_url"], {"status": "completed", "epoch": cfg.optim.epochs,
                                                           "linear_top1": top1, "linear_top5": top5})
@@ -483,26 +508,47 @@ def run_linear_eval(cfg: LinearConfig, address: str | None = None, resume: bool 
                          "gradients to the backbone)")
     encoder = resolve_encoder(cfg.encoder, cfg.tracking)
     build_frozen_backbone(encoder, cfg.run.seed)  # load once here: a bad file fails before Ray starts
+    for warning in check_linear_inputs(cfg):
+        print(f"[mocoray] warning: {warning}", file=sys.stderr)
     try:
-        job = runtime.JobRun.prepare(cfg.run, resume)
+        runtime.check_run_dir(runtime.run_dir_of(cfg.run), cfg.run.name, resume)
     except (FileExistsError, FileNotFoundError) as err:
         raise LinearEvalFailed(str(err)) from None
+
+    runtime.init_ray(address)  # nothing is created before Ray is reached
+    with interrupts.signals_raise():
+        job = None
+        try:
+            job = runtime.JobRun.prepare(cfg.run, resume)
+            return _fit(job, cfg, encoder, faults, resume)
+        except interrupts.JobInterrupted as sig:
+            interrupts.stop_ray()
+            if job is not None:
+                job.mark_interrupted(sig.name)
+                job.free_name_unless_checkpointed(resume)
+            err = LinearEvalFailed(f"interrupted ({sig.name}): the Ray job is stopped; the same command with "
+                                   "--resume continues from the last checkpoint, if one was written")
+            err.exit_code = sig.exit_code
+            raise err from None
+
+
+def _fit(job: runtime.JobRun, cfg: LinearConfig, encoder: EncoderSource, faults: Faults, resume: bool
+         ) -> LinearResult:
     if cfg.tracking.enabled:
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
         job.open_tracking(uri, _open_mlflow_run, cfg, encoder, job.run_dir, uri)
         record_job_start(job.tracking_uri, job.mlflow_run_id, dump_yaml(cfg), lambda: dataset_records(cfg.data))
-
-    runtime.init_ray(address)
     loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), encoder=asdict(encoder), faults=faults.to_dict())
     trainer = runtime.make_torch_trainer(train_loop_per_worker, loop_config, cfg.run, job.storage_path)
     try:
-        result = trainer.fit()
+        result = interrupts.fit(trainer)
         error = None
     except Exception as err:
         result, error = None, err
     status = job.status() or {"status": "failed"}
     if error is not None or status["status"] != "completed":
         job.end_tracking("FAILED", {STATUS_TAG: status["status"]})
+        job.free_name_unless_checkpointed(resume)
         reason = status.get("message") or str(error)
         raise LinearEvalFailed(f"linear evaluation {cfg.run.name!r} failed ({status['status']}): {reason}")
 

@@ -7,6 +7,8 @@ step) -> `evaluate_knn` monitor -> report metrics (+ checkpoint) to Ray; rank 0 
 
 from __future__ import annotations
 
+import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,11 +19,19 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import __version__, storage
-from ..checkpoints import load_training_checkpoint, save_training_checkpoint, set_rng_state
+from ..checkpoints import (
+    checkpoint_dir_name,
+    checkpoint_epoch,
+    load_training_checkpoint,
+    newest_complete_checkpoint,
+    save_training_checkpoint,
+    set_rng_state,
+)
 from ..config import PretrainConfig, dump_yaml, flatten
 from ..core.amp import AMP_DTYPES
 from ..core.augment import BatchAugment, moco_spec, two_view_transform
 from ..core.backbones import build_backbone
+from ..core.bn_stats import average_bn_statistics
 from ..core.compiled import compile_encoders, make_sgd
 from ..core.distributed import all_reduce_sum, rank_world
 from ..core.features import extract_features
@@ -29,8 +39,8 @@ from ..core.knn import knn_top1
 from ..core.moco import Encoder, MoCo, NonFiniteLossError, train_step, unwrap
 from ..core.schedule import lr_at, momentum_at
 from ..core.shuffle_bn import resolve_bn_mode
-from ..data import PretrainData, build_pretrain_data, check_paths, image_batches
-from ..data.base import Resized, SkipCorrupt, TensorImages, Transformed, collate_batch
+from ..data import PretrainData, build_pretrain_data, image_batches
+from ..data.base import Resized, SkipCorrupt, TensorImages, Transformed, collate_batch, subset
 from ..data.device_decode import DeviceJpegAugment, collate_encoded, encoded_train_dataset
 from ..data.fingerprint import dataset_records
 from ..encoders import export_backbone
@@ -40,15 +50,22 @@ from ..tracking import (
     BACKBONE_TAG,
     CHECKPOINT_TAG,
     JOB_TAG,
+    RESUMED_WITH_TAG,
     RUN_DIR_TAG,
     STATUS_TAG,
     MetricLogger,
+    last_logged_step,
     resolve_tracking_uri,
+    safely,
     start_run,
 )
 from ..tracking_artifacts import encoder_info, log_environment, record_encoder, record_job_start
-from . import runtime
+from . import interrupts, runtime
+from .calibration import recompute_bn_on_images
 from .faults import Faults
+from .preflight import check_pretrain_inputs
+from .progress import StepProgress
+from .resume import ResumePoint, find_resume_point, record_config
 
 # ---------------------------------------------------------------------------------------------------
 # Worker: building blocks
@@ -132,8 +149,15 @@ class EpochStats:
 
 def train_one_epoch(model, loader, optimizer, scaler, views: TwoViews, cfg: PretrainConfig,
                     epoch: int, state: TrainState, device: torch.device, channels_last: bool, rank: int,
-                    faults: Faults) -> EpochStats:
-    """One epoch of MoCo steps; raises NonFiniteLossError on every rank at once if the loss blows up."""
+                    faults: Faults, progress: StepProgress | None = None) -> EpochStats:
+    """One epoch of MoCo steps; raises NonFiniteLossError on every rank at once if the loss blows up.
+
+    Ends with one set of BN running statistics on every rank (see `average_bn_statistics`): each rank's
+    followed its own shard, and what comes next (kNN, checkpoint, export) must see the same encoder everywhere.
+    Once per epoch is enough, as nothing reads the running statistics during training (both encoders run in
+    training mode), and it costs one small all-reduce instead of DDP's buffer broadcast at every step (which
+    would also re-send the K x dim queue).
+    """
     model.train()
     steps = len(loader)
     lr = cfg.optim.effective_lr
@@ -161,18 +185,29 @@ def train_one_epoch(model, loader, optimizer, scaler, views: TwoViews, cfg: Pret
         loss_sum += res.loss
         acc_sum += res.accuracy
         state.global_step += 1
+        if progress is not None:
+            progress.step(i, res.loss, cur_lr, state.global_step)
     (skipped,) = all_reduce_sum([skipped], device)  # every rank joins, skipped images or not
+    average_bn_statistics(unwrap(model))
     return EpochStats(loss=loss_sum / steps, contrastive_acc=acc_sum / steps, lr=cur_lr, momentum=moco.momentum,
                       steps=steps, train_time_s=time.perf_counter() - t0, corrupt_images_skipped=int(skipped))
+
+
+def knn_bank(data: PretrainData, cfg: PretrainConfig):
+    """The labelled images that vote: all of them, or `knn.max_bank` of them (a fixed random choice), for every
+    kind of dataset (an ImageNet bank of 1.28 M images would be ~10 GB of features on every rank)."""
+    bank = data.knn_bank
+    if cfg.knn.max_bank and len(bank) > cfg.knn.max_bank:
+        chosen = torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[: cfg.knn.max_bank]
+        bank = subset(bank, chosen.tolist())
+    return bank
 
 
 def evaluate_knn(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainConfig, device: torch.device,
                  channels_last: bool) -> tuple[float, float | None]:
     """Weighted kNN top-1 of the backbone's features (the labelled bank votes for each val image) and, with
     `knn.logreg`, the top-1 of logistic regression fitted on the same bank (on rank 0; None otherwise)."""
-    bank = data.knn_bank
-    if cfg.knn.max_bank and len(bank) > cfg.knn.max_bank and isinstance(bank, TensorImages):
-        bank = bank.subset(torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[: cfg.knn.max_bank])
+    bank = knn_bank(data, cfg)
     size = cfg.data.image_size
 
     def features(dataset):
@@ -190,6 +225,21 @@ def evaluate_knn(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainCon
     rank = rank_world()[0]
     logreg = fit_logreg(bank_f, bank_y, val_f, val_y, cfg.run.seed).top1 if rank == 0 else 0.0
     return knn, all_reduce_sum([logreg], device)[0]  # every rank reports the same number
+
+
+def knn_at_init(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainConfig, device: torch.device,
+                channels_last: bool) -> tuple[float, float | None]:
+    """kNN (and, with `knn.logreg`, logistic-regression) top-1 of the encoder at random init, every run's own baseline. Measured on a plain copy (same
+    weights, plain BatchNorm) whose BN statistics are recomputed on training images first: at their init
+    values the features are degenerate and the baseline would be too low. Training starts from the model as
+    it is."""
+    plain, _ = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
+    plain.load_state_dict(backbone.state_dict())
+    plain.to(device)
+    if channels_last:
+        plain.to(memory_format=torch.channels_last)
+    recompute_bn_on_images(plain, data.train, cfg.data.image_size, device, channels_last, cfg.data.loader_workers)
+    return evaluate_knn(plain, data, cfg, device, channels_last)
 
 
 def epoch_metrics(state: TrainState, stats: EpochStats, cfg: PretrainConfig, epoch_time_s: float) -> dict:
@@ -217,6 +267,18 @@ def epoch_line(m: dict, cfg: PretrainConfig) -> str:
             + (f"logreg {m['logreg_top1']:.4f} ({m['logreg_margin']:+.4f})  " if "logreg_top1" in m else "")
             + f"lr {m['lr']:.4g}  "
             f"{m['pairs_per_s']:.0f} pairs/s  {m['epoch_time_s']:.1f}s")
+
+
+def epochs_logged(logger: MetricLogger | None) -> int:
+    """The last epoch the MLflow run already has metrics for (0: none), so that no epoch is logged twice.
+
+    Read before each epoch is logged, as an epoch can be trained again: after a resume from a checkpoint
+    older than the last logged epoch, after a worker-group restart, and the workers of an interrupted attempt
+    can outlive their driver by a few seconds (Ray ends them asynchronously) and log one more epoch.
+    """
+    if logger is None or logger.run_id is None:
+        return 0
+    return safely("read of the logged epochs", last_logged_step, logger.uri, logger.run_id, "loss") or 0
 
 
 def report_nonfinite_loss(err: NonFiniteLossError, epoch: int, state: TrainState, rank: int, status_url: str,
@@ -248,7 +310,20 @@ def save_checkpoint(model, optimizer, scaler, state: TrainState, cfg: PretrainCo
                   "world_size": world, "mocoray": __version__, "torch": torch.__version__},
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"epoch_{epoch_no:04d}")
+                         checkpoint_dir_name=checkpoint_dir_name(epoch_no))
+
+
+def starting_checkpoint(loop_config: dict[str, Any]):
+    """Where this attempt starts: Ray's latest checkpoint or the newest complete one the driver found on disk,
+    whichever is further on (an interrupt can land after a checkpoint is written and before Ray's controller
+    registers it); with neither, `--resume-from`; else None (a new run)."""
+    import ray.train
+
+    candidates = [c for c in (ray.train.get_checkpoint(), loop_config.get("newest_checkpoint")) if c]
+    candidates = [ray.train.Checkpoint(c) if isinstance(c, str) else c for c in candidates]
+    if candidates:
+        return max(candidates, key=lambda c: checkpoint_epoch(c.path) or 0)
+    return ray.train.Checkpoint(loop_config["resume_from"]) if loop_config.get("resume_from") else None
 
 
 def restore(checkpoint, model, optimizer, scaler, rank: int) -> TrainState:
@@ -295,9 +370,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16" and device.type == "cuda")
     torch.manual_seed(cfg.run.seed * 1000 + 1 + rank)  # augmentation randomness differs per rank
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
+    checkpoint = starting_checkpoint(loop_config)
     state = TrainState()
     if checkpoint is not None:
         state = restore(checkpoint, model, optimizer, scaler, rank)
@@ -310,12 +383,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         raise ValueError(f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(data.train)} training images")
     views = two_views(cfg)
     logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
+    progress = StepProgress(cfg.progress, cfg.optim.batch_size, cfg.optim.epochs, rank, logger)
     if rank == 0:  # every start of the worker group: the world size may differ after a restart
         log_environment(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"), world, device)
     backbone = unwrap(model).encoder_q.backbone
 
     if state.knn_top1_init is None:
-        state.monitor(*evaluate_knn(backbone, data, cfg, device, channels_last), init=True)
+        state.monitor(*knn_at_init(backbone, data, cfg, device, channels_last), init=True)
         if logger:
             init = {"knn_top1": state.knn_top1_init, "knn_top1_init": state.knn_top1_init,
                     "logreg_top1": state.logreg_top1_init, "logreg_top1_init": state.logreg_top1_init}
@@ -328,9 +402,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for epoch in range(state.epoch, cfg.optim.epochs):
             sampler.set_epoch(epoch)
             t0 = time.perf_counter()
+            progress.start_epoch(epoch, len(loader), log_metrics=epoch + 1 > epochs_logged(logger))
             try:
                 stats = train_one_epoch(model, loader, optimizer, scaler, views, cfg, epoch, state, device,
-                                        channels_last, rank, faults)
+                                        channels_last, rank, faults, progress)
             except NonFiniteLossError as err:
                 report_nonfinite_loss(err, epoch, state, rank, loop_config["status_url"], logger)
                 return
@@ -340,10 +415,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 state.monitor(*evaluate_knn(backbone, data, cfg, device, channels_last))
             metrics = epoch_metrics(state, stats, cfg, time.perf_counter() - t0) | monitor.epoch_averages()
             if logger:
-                logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
+                if state.epoch > epochs_logged(logger):
+                    logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
                 runtime.console(epoch_line(metrics, cfg))
             if state.epoch % cfg.run.checkpoint_every == 0 or last:
                 save_checkpoint(model, optimizer, scaler, state, cfg, metrics, rank, world, bn_mode, state.epoch)
+                faults.maybe_interrupt_driver(state.epoch, rank)
             else:
                 ray.train.report(metrics)
     if rank == 0:
@@ -369,9 +446,22 @@ class PretrainResult:
 class PretrainFailed(RuntimeError):
     """The job did not complete; `result` holds what it left behind (checkpoint, MLflow run), if anything."""
 
+    exit_code = 1
+
     def __init__(self, message: str, result: PretrainResult | None = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+NAME_FREED = " No checkpoint was written, so the run's folder is removed: the same command starts it afresh."
+
+
+class PretrainInterrupted(PretrainFailed):
+    """SIGINT / SIGTERM stopped the job; the process should exit with `exit_code` (130 / 143)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
@@ -399,35 +489,66 @@ def run_pretrain(
     (what a restarted Tune trial wants). `extra_tags` go on the MLflow run (sweeps add their parent
     link); `callbacks` go to the trainer's RunConfig (sweeps add Tune's report forwarding); `faults`
     injects failures (tests only).
+
+    Everything that can be checked without Ray is checked first, and nothing (run folder, MLflow run) is
+    created before Ray is reached. SIGINT / SIGTERM stop the Ray job and raise PretrainInterrupted.
     """
     cfg = with_absolute_paths(cfg)
-    check_paths(cfg.data)
+    run_dir = runtime.run_dir_of(cfg.run)
     if resume == "auto":
-        resume = storage.exists(storage.join(cfg.run.storage_path, cfg.run.name))
+        resume = storage.exists(run_dir)
+    for warning in check_pretrain_inputs(cfg, resume_from):
+        print(f"[mocoray] warning: {warning}", file=sys.stderr)
     try:
-        job = runtime.JobRun.prepare(cfg.run, bool(resume))
+        runtime.check_run_dir(run_dir, cfg.run.name, bool(resume))
     except (FileExistsError, FileNotFoundError) as err:
         raise PretrainFailed(str(err)) from None
-    if cfg.tracking.enabled:
-        uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-        tags = {JOB_TAG: "pretrain", RUN_DIR_TAG: job.run_dir, **(extra_tags or {})}
-        job.open_tracking(uri, start_run, uri, cfg.tracking.experiment, cfg.run.name,
-                          flatten(cfg.model_dump(mode="json")), tags, job.run_dir)
-        record_job_start(job.tracking_uri, job.mlflow_run_id, dump_yaml(cfg),
-                         lambda: dataset_records(cfg.data, pretraining=True))
+    point = find_resume_point(run_dir, cfg) if resume else None
+    for name, value in (point.changed if point else {}).items():
+        print(f"[mocoray] resuming with {name}={value}", file=sys.stderr)
 
     runtime.init_ray(address)
+    with interrupts.signals_raise():
+        job = None
+        try:
+            job = runtime.JobRun.prepare(cfg.run, bool(resume))
+            return _fit(job, cfg, point, resume_from, extra_tags, callbacks, faults)
+        except interrupts.JobInterrupted as sig:
+            raise _interrupted(job, sig, point) from None
+
+
+def _open_tracking(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None,
+                   extra_tags: dict[str, str] | None) -> None:
+    """Create (or, resumed, reopen) the MLflow run, with the fields this resume changed as a tag."""
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    tags = {JOB_TAG: "pretrain", RUN_DIR_TAG: job.run_dir, **(extra_tags or {})}
+    if point and point.resumed_with:
+        tags[RESUMED_WITH_TAG] = json.dumps(point.resumed_with, sort_keys=True)
+    job.open_tracking(uri, start_run, uri, cfg.tracking.experiment, cfg.run.name,
+                      flatten(cfg.model_dump(mode="json")), tags, job.run_dir)
+    record_job_start(job.tracking_uri, job.mlflow_run_id, dump_yaml(cfg),
+                     lambda: dataset_records(cfg.data, pretraining=True))
+
+
+def _fit(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None, resume_from: str | None,
+         extra_tags: dict[str, str] | None, callbacks: list | None, faults: Faults | None) -> PretrainResult:
+    record_config(job.run_dir, cfg, point.resumed_with if point else {})
+    if cfg.tracking.enabled:
+        _open_tracking(job, cfg, point, extra_tags)
     loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), resume_from=resume_from,
+                                  newest_checkpoint=point.checkpoint if point else None,
                                   faults=(faults or Faults()).to_dict())
     trainer = runtime.make_torch_trainer(train_loop_per_worker, loop_config, cfg.run, job.storage_path, callbacks)
     try:
-        result = trainer.fit()
+        result = interrupts.fit(trainer)
     except Exception as err:
         job.end_tracking("FAILED", {STATUS_TAG: "failed"})
-        raise PretrainFailed(f"pretraining run {cfg.run.name!r} failed: {err}") from err
+        freed = NAME_FREED if job.free_name_unless_checkpointed(point is not None) else ""
+        raise PretrainFailed(f"pretraining run {cfg.run.name!r} failed: {err}{freed}") from err
 
     status = job.status() or {"status": "unknown"}
-    checkpoint = runtime.checkpoint_url(result, job.storage_path)
+    # the newest complete checkpoint on disk is at least as new as Ray's latest registered one
+    checkpoint = newest_complete_checkpoint(job.run_dir) or runtime.checkpoint_url(result, job.storage_path)
     backbone_path = None
     if checkpoint and status["status"] == "completed":
         backbone_path = storage.join(job.run_dir, "backbone.pt")
@@ -445,10 +566,32 @@ def run_pretrain(
                          status=status["status"], mlflow_run_id=job.mlflow_run_id, tracking_uri=job.tracking_uri,
                          backbone_path=backbone_path)
     if status["status"] == "nonfinite_loss":
+        freed = NAME_FREED if job.free_name_unless_checkpointed(point is not None) else ""
         raise PretrainFailed(
             f"stopped: non-finite loss at epoch {status['epoch']}, step {status['step']} ({status['message']}). "
             f"The last good checkpoint is kept: {checkpoint or 'none was written yet'}. "
-            "Lower optim.lr, enable optim.clip_grad_norm, or check the data.",
+            f"Lower optim.lr, enable optim.clip_grad_norm, or check the data.{freed}",
             out,
         )
     return out
+
+
+def _interrupted(job: runtime.JobRun | None, sig: interrupts.JobInterrupted,
+                 point: ResumePoint | None) -> PretrainInterrupted:
+    """Stop the Ray job, then mark the run: status file, MLflow run KILLED (mocoray.status=interrupted) with
+    its newest complete checkpoint, and a message that says how to continue."""
+    interrupts.stop_ray()
+    head = f"interrupted ({sig.name}): the Ray job is stopped"
+    if job is None:
+        return PretrainInterrupted(head + " before the run started.", sig.exit_code)
+    newest = newest_complete_checkpoint(job.run_dir)
+    job.mark_interrupted(sig.name, {CHECKPOINT_TAG: newest} if newest else None)
+    if newest:
+        how = (f"The newest complete checkpoint is {newest} (epoch {checkpoint_epoch(newest)}); continue the run "
+               "with the same command and --resume.")
+    elif job.free_name_unless_checkpointed(point is not None):
+        how = NAME_FREED.strip()
+    else:
+        how = "The run has no complete checkpoint yet; --resume starts it from its first epoch."
+    tracked = " and its MLflow run marked KILLED" if job.mlflow_run_id else ""
+    return PretrainInterrupted(f"{head}{tracked}. {how}", sig.exit_code)

@@ -9,12 +9,14 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .. import storage
-from ..config.common import RunConfig
-from ..tracking import end_run, safely
+from ..checkpoints import newest_complete_checkpoint
+from ..config.common import ConfigError, RunConfig
+from ..tracking import STATUS_TAG, end_run, release_run_key, safely
 
 # The code uses Ray Train V2 (TrainController, Tune functions that fit their own trainer); Ray reads this
 # flag when ray.train is first imported.
@@ -71,14 +73,35 @@ def local_cluster_env(dashboard_port: int):
             os.environ[key] = old
 
 
+RAY_CONNECT_TIMEOUT_S = 15.0
+
+
+def check_ray_address(address: str, where: str) -> None:
+    """Fail within seconds, naming the address, when nothing accepts connections there: given an address
+    that does not answer, ray.init retries the cluster's GCS for minutes, line after line."""
+    if address in ("auto", "local"):  # Ray finds (or refuses) a local cluster by itself, quickly
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{where} {address}: expected host:port (a cluster's GCS), ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConfigError(f"cannot reach a Ray cluster at {address} ({where}): {err.strerror or err}. Is the "
+                          "cluster up (`ray start --head` on that host) and the port open? Nothing was started "
+                          "or created.") from None
+
+
 def init_ray(address: str | None = None) -> None:
     """Connect to `address`/$RAY_ADDRESS, or start a local Ray bound to 127.0.0.1."""
     import ray
 
     if ray.is_initialized():
         return
+    where = "--address" if address else "$RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_ray_address(address, where)
         ray.init(address=address)
     else:
         port = free_port()
@@ -86,11 +109,15 @@ def init_ray(address: str | None = None) -> None:
             ray.init(dashboard_host="127.0.0.1", dashboard_port=port)  # the dashboard cleans up stopped trials' resources
 
 
-def prepare_run_dir(run_dir: str, name: str, resume: bool) -> str:
-    """Check that the run is new (or, with `resume`, that it exists), create it, clear a stale status.
+def run_dir_of(run: RunConfig) -> str:
+    return storage.join(storage.absolute(run.storage_path), run.name)
+
+
+def check_run_dir(run_dir: str, name: str, resume: bool) -> None:
+    """The run must be new (or, with `resume`, exist). Reads only: the driver checks it before Ray starts.
 
     A run name is a key: Ray Train continues whatever run it finds under the same name, so running a
-    name again by accident would silently resume it. Returns the URL of the run's status file.
+    name again by accident would silently resume it.
     """
     exists = storage.exists(run_dir)
     if exists and not resume:
@@ -98,6 +125,23 @@ def prepare_run_dir(run_dir: str, name: str, resume: bool) -> str:
                               "or --set run.name=<new name> for a new run")
     if resume and not exists:
         raise FileNotFoundError(f"--resume: no run {name!r} at {run_dir} to continue")
+
+
+def check_storage_path(storage_path: str) -> None:
+    """A local `run.storage_path` must be (or be creatable as) a writable folder: no regular file on the way."""
+    if "://" in storage_path:
+        return
+    path = Path(storage_path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"run.storage_path: {existing} is a file, not a folder (run.storage_path={storage_path})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.storage_path: {existing} is not writable (run.storage_path={storage_path})")
+
+
+def prepare_run_dir(run_dir: str, name: str, resume: bool) -> str:
+    """Check the run (see `check_run_dir`), create its folder, clear a stale status; returns the status file's URL."""
+    check_run_dir(run_dir, name, resume)
     storage.makedirs(run_dir)
     status_url = storage.join(run_dir, STATUS_FILE)
     if storage.exists(status_url):  # a resumed run's old status says nothing about this attempt
@@ -122,9 +166,8 @@ class JobRun:
     @classmethod
     def prepare(cls, run: RunConfig, resume: bool) -> JobRun:
         """The run's folder checked (new, or existing with `resume`) and created; see `prepare_run_dir`."""
-        storage_path = storage.absolute(run.storage_path)
-        run_dir = storage.join(storage_path, run.name)
-        return cls(storage_path, run_dir, prepare_run_dir(run_dir, run.name, resume))
+        run_dir = run_dir_of(run)
+        return cls(storage.absolute(run.storage_path), run_dir, prepare_run_dir(run_dir, run.name, resume))
 
     def open_tracking(self, tracking_uri: str, open_run: Callable[..., str], *args) -> None:
         """`open_run(*args)` creates (or reopens) the MLflow run; if tracking is down, the job runs without."""
@@ -142,6 +185,23 @@ class JobRun:
     def end_tracking(self, status: str, tags: dict[str, str]) -> None:
         if self.mlflow_run_id:
             safely("end of the run", end_run, self.tracking_uri, self.mlflow_run_id, status, tags)
+
+    def free_name_unless_checkpointed(self, resumed: bool) -> bool:
+        """For a new run that ended before its first complete checkpoint: remove its folder and unlink its
+        MLflow run from it, as there is nothing to resume and its name must not block running the same
+        command again (the MLflow run stays, a record of what happened; the next one gets a new MLflow run).
+        Returns whether it did."""
+        if resumed or newest_complete_checkpoint(self.run_dir) is not None:
+            return False
+        storage.remove(self.run_dir, recursive=True)
+        if self.mlflow_run_id:
+            safely("release of the run name", release_run_key, self.tracking_uri, self.mlflow_run_id)
+        return True
+
+    def mark_interrupted(self, signal_name: str, tags: dict[str, str] | None = None) -> None:
+        """Status file and MLflow run (KILLED, mocoray.status=interrupted) of a job stopped by a signal."""
+        write_status(self.status_url, {"status": "interrupted", "signal": signal_name})
+        self.end_tracking("KILLED", {STATUS_TAG: "interrupted", **(tags or {})})
 
 
 def make_torch_trainer(train_fn, loop_config: dict, run: RunConfig, storage_path: str, callbacks: list | None = None):

@@ -1,0 +1,87 @@
+"""Ctrl-C and SIGTERM on a job's driver: raised as `JobInterrupted`, so the job can stop its Ray job and leave
+its run in a known state before the process exits with 128 + the signal number (130 / 143)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class JobInterrupted(BaseException):
+    """SIGINT or SIGTERM reached the driver. A BaseException, like KeyboardInterrupt, so that no `except
+    Exception` on the way (tracking guards, failure handlers) swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise(signum: int, _frame) -> None:
+    raise JobInterrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM raise `JobInterrupted` in the main thread; the previous handlers are
+    back afterwards. Enter it after `ray.init()`, which installs its own SIGTERM handler (a bare exit). Off
+    the main thread (a Tune trial's driver) signals are not ours to take, and this does nothing."""
+    if not _on_main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise) for s in HANDLED}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def fit(trainer) -> Any:
+    """`trainer.fit()`, interruptible by the handlers of `signals_raise`.
+
+    On the main thread, Ray Train's fit() would replace the SIGINT handler with its own, which aborts the
+    run and exits the process before the job can mark its run. Run from a helper thread (as Tune runs it),
+    fit() leaves the handlers alone; the main thread waits, and a signal raises there.
+    """
+    if not _on_main_thread():
+        return trainer.fit()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised on the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="mocoray-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def stop_ray() -> None:
+    """Disconnect this driver from Ray: Ray then ends the actors its job owns (the Train controller and its
+    workers), and a local Ray that this process started stops with it."""
+    import ray
+
+    ray.shutdown()
