@@ -23,8 +23,10 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 # What makes a one-machine cluster react at test speed: Ray Train's preemption watcher polls drains every
 # 0.5 s (default 5), the GCS declares a silent node dead after ~3 s (default ~30), a worker group that
-# cannot be placed is retried after 30 s (default 60).
+# cannot be placed is retried after 30 s (default 60). And what keeps it patient on a loaded CI host:
+# a raylet may take a minute to register (default 10 s).
 FAST_CLUSTER_ENV = {
+    "RAY_raylet_start_wait_time_s": "60",
     "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
     "RAY_health_check_period_ms": "1000",
     "RAY_health_check_timeout_ms": "1000",
@@ -86,10 +88,19 @@ class LocalCluster:
         self.workers.append(node)
         return node
 
-    def nodes(self) -> list[dict]:
-        url = f"http://127.0.0.1:{self.dashboard}/api/v0/nodes?limit=1000&detail=1"
-        with urllib.request.urlopen(url, timeout=10) as r:
+    def _state_api(self, what: str) -> list[dict]:
+        url = f"http://127.0.0.1:{self.dashboard}/api/v0/{what}?limit=10000&detail=1"
+        with urllib.request.urlopen(url, timeout=30) as r:
             return json.loads(r.read())["data"]["result"]["result"]
+
+    def nodes(self) -> list[dict]:
+        return self._state_api("nodes")
+
+    def training_nodes(self) -> list[Node]:
+        """The worker nodes (not the head) where a Ray Train worker runs now."""
+        busy = {a["node_id"] for a in self._state_api("actors")
+                if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"}
+        return [w for w in self.workers if w.node_id in busy]
 
     def state(self, node: Node) -> str:
         found = [n for n in self.nodes() if f"node_{node.name}" in n["resources_total"]]

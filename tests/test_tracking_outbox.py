@@ -1,4 +1,4 @@
-"""Tracking outages without Ray: a real `mlflow server` on 127.0.0.1, stopped and started again."""
+"""Tracking outages without Ray: the outbox that keeps what the MLflow server did not take, and the start check."""
 
 from __future__ import annotations
 
@@ -8,43 +8,36 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import MlflowServer, free_port, tiny_pretrain_overrides
+from conftest import free_port, tiny_pretrain_overrides
 from mocoray.config import load_config
 from mocoray.jobs.pretrain import PretrainFailed, run_pretrain
 from mocoray.tracking import MetricLogger, start_run
 from mocoray.tracking_outbox import UNSENT_FILE, describe
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = MlflowServer(tmp_path, job_execution=False).start()
-    yield srv
-    srv.stop()
-
-
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in mlflow.MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def test_metrics_logged_while_the_server_is_down_are_sent_in_order_once_it_is_back(server, tmp_path):
-    run_id = start_run(server.uri, "outage", "run", {"a": 1}, {})
+def test_what_a_worker_could_not_send_is_sent_in_order_by_its_successor_once_the_server_answers(
+        mlflow_server, tmp_path):
+    run_id = start_run(mlflow_server, "outage", "run", {"a": 1}, {})
     outbox = str(tmp_path / "run" / UNSENT_FILE)
-    logger = MetricLogger(server.uri, run_id, outbox)
-    logger.metrics({"loss": 1.0}, step=1)
+    MetricLogger(mlflow_server, run_id, outbox).metrics({"loss": 1.0}, step=1)
     assert not Path(outbox).exists()  # sent at once: nothing waits
 
-    server.stop()
-    logger.metrics({"loss": 0.9, "lr": 0.1}, step=2)
-    logger.tags({"mocoray.world_size": 2})
+    # the server does not answer this worker (here: the URI of one that is gone)
+    cut_off = MetricLogger(f"http://127.0.0.1:{free_port()}", run_id, outbox)
+    cut_off.metrics({"loss": 0.9, "lr": 0.1}, step=2)
+    cut_off.tags({"mocoray.world_size": 2})
     assert describe(outbox) == {"run_id": run_id, "metrics": 2, "tags": 1, "steps": {"loss": [2], "lr": [2]}}
 
-    # the worker that kept them is gone (preempted); its successor finds them in the file
-    server.start()
-    successor = MetricLogger(server.uri, run_id, outbox)
+    # that worker is gone (preempted); its successor finds what it kept, and the server answers again
+    successor = MetricLogger(mlflow_server, run_id, outbox)
     successor.metrics({"loss": 0.8}, step=3)
-    assert _history(server.uri, run_id, "loss") == [(1, 1.0), (2, 0.9), (3, 0.8)]
-    assert _history(server.uri, run_id, "lr") == [(2, 0.1)]
-    assert mlflow.MlflowClient(server.uri).get_run(run_id).data.tags["mocoray.world_size"] == "2"
+    assert _history(mlflow_server, run_id, "loss") == [(1, 1.0), (2, 0.9), (3, 0.8)]
+    assert _history(mlflow_server, run_id, "lr") == [(2, 0.1)]
+    assert mlflow.MlflowClient(mlflow_server).get_run(run_id).data.tags["mocoray.world_size"] == "2"
     assert not Path(outbox).exists() and successor.unsent() is None
 
 

@@ -90,6 +90,9 @@ def train_loader(cfg: PretrainConfig, dataset, rank: int, world: int) -> tuple[D
         collate_fn=collate,
         pin_memory=cfg.run.use_gpu,
         persistent_workers=cfg.data.loader_workers > 0,
+        # Its own generator: each epoch's iterator draws a seed, which must not come from the global RNG
+        # (a run resumed mid-epoch would draw it at another point, and its augmentations would change).
+        generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + rank),
     )
     return loader, sampler
 
@@ -301,14 +304,17 @@ def relog_lost_epoch(logger: MetricLogger, checkpoint) -> None:
         log_epoch(logger, metrics)
 
 
-def start_attempt(logger: MetricLogger, state: TrainState, checkpoint, world: int, record_url: str) -> None:
-    """Rank 0, each time the worker group (re)starts: where it resumed, the steps a restart lost, the world size."""
+def start_attempt(logger: MetricLogger, state: TrainState, checkpoint, same_run: bool, world: int,
+                  record_url: str) -> None:
+    """Rank 0, each time the worker group (re)starts: where it resumed, the steps a restart lost, the world size.
+
+    `same_run`: the checkpoint is this run's own (a restart or --resume), not a --resume-from of another's."""
     if checkpoint is not None:
         name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
         state.steps_lost += note_resume(record_url, state.global_step, name, world)
         runtime.console(f"resumed from checkpoint {name}: epoch {state.epoch + 1}, step {state.step_in_epoch} of it "
                         f"(global step {state.global_step}) on {world} worker(s)")
-        if state.epoch and not state.step_in_epoch:
+        if same_run and state.epoch and not state.step_in_epoch:
             relog_lost_epoch(logger, checkpoint)
     logger.metrics({"world_size": world}, step=state.global_step)  # over time: one point per (re)start
 
@@ -346,6 +352,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed * 1000 + 1 + rank)  # augmentation randomness differs per rank
 
     checkpoint = ray.train.get_checkpoint()
+    same_run = checkpoint is not None
     if checkpoint is None and loop_config.get("resume_from"):
         checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
     state = TrainState()
@@ -362,7 +369,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"),
                               loop_config["unsent_url"])
-        start_attempt(logger, state, checkpoint, world, loop_config["preemption_record"])
+        start_attempt(logger, state, checkpoint, same_run, world, loop_config["preemption_record"])
     backbone = unwrap(model).encoder_q.backbone
 
     if state.knn_top1_init is None:
