@@ -10,7 +10,8 @@ import pytest
 
 from conftest import free_port, tiny_pretrain_overrides
 from mocoray.config import load_config
-from mocoray.jobs.pretrain import PretrainFailed, run_pretrain
+from mocoray.jobs.pretrain import PretrainFailed, close_tracking, run_pretrain
+from mocoray.jobs.runtime import JobRun
 from mocoray.tracking import MetricLogger, start_run
 from mocoray.tracking_outbox import UNSENT_FILE, describe
 
@@ -61,3 +62,14 @@ def test_a_tracking_server_unreachable_at_start_stops_the_job_before_any_compute
         run_pretrain(cfg)
     assert time.time() - t0 < 30
     assert not (tmp_path / "runs" / "no-server").exists()  # no run folder, no Ray job
+
+
+def test_the_driver_adds_the_final_tags_to_what_is_still_unsent_and_names_the_file(tmp_path):
+    gone = f"http://127.0.0.1:{free_port()}"
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    MetricLogger(gone, "0123abcd", str(run_dir / UNSENT_FILE)).metrics({"loss": 0.5}, step=3)  # a worker's leftover
+    job = JobRun(str(tmp_path / "runs"), str(run_dir), str(run_dir / "status.json"), gone, "0123abcd")
+    unsent = close_tracking(job, "FINISHED", {"mocoray.status": "completed"})
+    assert unsent == str(run_dir / UNSENT_FILE)
+    assert describe(unsent) == {"run_id": "0123abcd", "metrics": 1, "tags": 1, "steps": {"loss": [3]}}

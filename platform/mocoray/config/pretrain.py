@@ -127,6 +127,9 @@ class PretrainConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> PretrainConfig:
         why = " (shuffle BN needs equal per-worker batches)"
+        if self.run.elastic and self.run.max_failures == 0:
+            raise ValueError(f"run.num_workers={list(self.run.num_workers)} is elastic, but run.max_failures=0 would end "
+                             "the run at the first node lost without notice: set run.max_failures (-1: no limit)")
         if self.run.elastic:
             why = (f" (a world size of the elastic range run.num_workers={list(self.run.num_workers)}: the global "
                    "batch stays fixed, so every size in the range must divide it)")

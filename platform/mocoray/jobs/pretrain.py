@@ -278,7 +278,8 @@ def restore(checkpoint, model, optimizer, scaler, rank: int) -> TrainState:
 def check_same_queue(model: torch.nn.Module) -> None:
     """Every rank must hold the same queue and pointer (after a restart on any world size, too)."""
     queue = unwrap(model).queue
-    if not same_on_all_ranks(torch.cat([queue.keys.flatten().double(), queue.ptr.double().view(1)])):
+    pointer = torch.tensor([float(int(queue.ptr))], dtype=torch.float64, device=queue.keys.device)
+    if not same_on_all_ranks(torch.cat([queue.keys.flatten().double(), pointer])):
         raise RuntimeError("the MoCo queue differs between ranks after loading the checkpoint")
 
 
