@@ -106,7 +106,7 @@ def test_a_node_drained_for_preemption_mid_epoch_costs_no_epoch_and_the_run_resu
     pauses.wait(1, run)
     (node, *_) = cluster.training_nodes()
     t_drain = time.time()
-    cluster.drain_for_preemption(node, deadline_s=20)
+    cluster.drain_for_preemption(node, deadline_s=12)
     time.sleep(1.0)  # Ray Train's watcher polls drains every 0.5 s here
     pauses.go(1)
     res = run.result()
@@ -144,8 +144,8 @@ def test_elastic_workers_shrink_when_a_node_dies_and_grow_when_one_comes_back(cl
     cluster.ensure_workers(1)
     pauses = Pauses(tmp_path / "pauses", [1, 2])
     run = Driver(cluster, tmp_path / "elastic.log", _overrides(tmp_path, "elastic", **{
-        "run.num_workers": "[1, 2]", "run.resize_check_s": 2, "run.max_failures": -1, "optim.epochs": 4,
-        "data.synthetic_images": 256, "run.checkpoint_every_steps": 8}), faults=pauses.faults(step_delay_s=0.1))
+        "run.num_workers": "[1, 2]", "run.resize_check_s": 2, "run.max_failures": -1,
+        "data.synthetic_images": 256, "run.checkpoint_every_steps": 8}), faults=pauses.faults())
     pauses.wait(1, run)
     for node in cluster.live_workers():  # no notice: they are just gone; the head's one CPU is left
         cluster.kill(node)
@@ -158,16 +158,16 @@ def test_elastic_workers_shrink_when_a_node_dies_and_grow_when_one_comes_back(cl
     pauses.go(2)
     res = run.result()
 
-    assert res["status"] == "completed" and res["metrics"]["epoch"] == 4
+    assert res["status"] == "completed" and res["metrics"]["epoch"] == 3
     client = _client(tmp_path)
     run_id = res["mlflow_run_id"]
     sizes = _values_in_time_order(client, run_id, "world_size")
     assert [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]] == [2, 1, 2], sizes
-    assert _steps(client, run_id, "loss") == [1, 2, 3, 4]
+    assert _steps(client, run_id, "loss") == [1, 2, 3]
     # the global batch stayed 16 whatever the world size: the same number of steps, the same queue position
     final = _final(res["checkpoint"])
-    assert final["train"]["global_step"] == 4 * 16
-    assert int(final["model"]["queue.ptr"]) == (4 * 16 * 16) % 64
+    assert final["train"]["global_step"] == 3 * 16
+    assert int(final["model"]["queue.ptr"]) == (3 * 16 * 16) % 64
 
 
 def _wait_for_world_size(tmp_path: Path, run_name: str, size: int, after: int, timeout: float = 180) -> None:
