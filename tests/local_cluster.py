@@ -56,6 +56,7 @@ class LocalCluster:
                     **FAST_CLUSTER_ENV, **env}
         self.head: Node | None = None
         self.workers: list[Node] = []
+        self.drivers: list[subprocess.Popen] = []  # ended with the cluster if a failed test left one running
         self._count = 0
 
     @property
@@ -149,6 +150,8 @@ class LocalCluster:
             time.sleep(0.5)
 
     def shutdown(self) -> None:
+        for proc in self.drivers:
+            _kill_group(proc, signal.SIGKILL)
         for node in [*self.workers, *([self.head] if self.head else [])]:
             _kill_group(node.proc, signal.SIGTERM)
         for node in [*self.workers, *([self.head] if self.head else [])]:
@@ -177,6 +180,7 @@ class Driver:
                                       json.dumps(spec)], env={**cluster.env, **(env or {})}, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
+        cluster.drivers.append(self.proc)
 
     def result(self, timeout: float = 600) -> dict:
         """The run's PretrainResult as a dict (fails the test, with the driver's log, if the run failed)."""
