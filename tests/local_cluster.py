@@ -151,7 +151,8 @@ class LocalCluster:
 
     def shutdown(self) -> None:
         for proc in self.drivers:
-            _kill_group(proc, signal.SIGKILL)
+            if proc.poll() is None:
+                _kill_group(proc, signal.SIGKILL)
         for node in [*self.workers, *([self.head] if self.head else [])]:
             _kill_group(node.proc, signal.SIGTERM)
         for node in [*self.workers, *([self.head] if self.head else [])]:
