@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +20,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a test-local cluster; no t
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# Encoders downloaded from tracking servers (set before Ray starts, so its workers share it).
+os.environ.setdefault("MOCORAY_CACHE_DIR", tempfile.mkdtemp(prefix="mocoray-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"

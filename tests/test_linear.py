@@ -254,6 +254,41 @@ def test_resumed_linear_eval_continues_exactly_in_the_same_mlflow_run(digits_pre
     assert [m.step for m in history] == [1, 2, 3]  # epochs 1-2 from the first attempt, 3 from the resume
 
 
+def test_logreg_mode_agrees_with_scikit_learn_run_by_hand(digits_pretrain):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from mocoray.core.features import extract_features
+    from mocoray.data import image_batches
+    from mocoray.data.digits import scattered_digits
+
+    pre, uri, tmp = digits_pretrain["result"], digits_pretrain["uri"], digits_pretrain["tmp"]
+    cfg = load_linear_config(DIGITS_LINEAR, _linear_overrides(tmp, "lin-logreg", uri, **{
+        "linear.mode": "logreg", "data.max_images": 1024}), {"encoder.checkpoint": pre.checkpoint})
+    res = run_linear_eval(cfg)
+
+    # by hand: the same frozen backbone's features, standardised, scikit-learn's defaults
+    cfg_enc = load_linear_config(DIGITS_LINEAR, cli_values={"encoder.checkpoint": pre.checkpoint,
+                                                             "tracking.enabled": False})
+    backbone, _ = build_frozen_backbone(resolve_encoder(cfg_enc.encoder, cfg_enc.tracking))
+    train, val = scattered_digits()
+    train = train.subset(range(1024))
+
+    def feats(ds):
+        return extract_features(backbone, len(ds), lambda idx: image_batches(ds, idx, 256, 32), torch.device("cpu"), 32)
+
+    (xf, xy), (vf, vy) = feats(train), feats(val)
+    scaler = StandardScaler().fit(xf.double().numpy())
+    clf = LogisticRegression(max_iter=2000, random_state=0).fit(scaler.transform(xf.double().numpy()), xy.numpy())
+    by_hand = float((clf.predict(scaler.transform(vf.double().numpy())) == vy.numpy()).mean())
+    assert res.metrics["linear_top1"] == pytest.approx(by_hand, abs=1.5 / len(vy))  # at most one image apart
+    assert res.metrics["linear_top1"] > 0.3  # it learned something (10 classes), so agreement means something
+    # the stored fc layer is the same classifier on raw features (standardisation folded in)
+    fc = torch.load(f"{res.checkpoint}/model.pt", weights_only=True)
+    pred = (vf @ fc["fc.weight"].T + fc["fc.bias"]).argmax(1)
+    assert (pred.numpy() == clf.predict(scaler.transform(vf.double().numpy()))).mean() > 0.99
+
+
 def test_unfrozen_backbone_fails_the_run_loudly(digits_pretrain):
     pre, uri, tmp = digits_pretrain["result"], digits_pretrain["uri"], digits_pretrain["tmp"]
     protocol = {"data.max_images": 128, "optim.epochs": 1, "linear.mode": "augmented"}

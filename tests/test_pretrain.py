@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import time
 from pathlib import Path
 
@@ -101,19 +102,26 @@ def test_resumed_run_continues_exactly(ray_session, tmp_path):
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
     client = _client(tmp_path)
     assert _history(client, resumed.mlflow_run_id, "loss") == [1, 2, 3]  # one MLflow run, continued
+
     assert resumed.mlflow_run_id == first.mlflow_run_id
 
 
 def test_worker_killed_mid_run_recovers_without_missing_or_repeated_epochs(ray_session, tmp_path):
     marker = tmp_path / "crashed.txt"
+    # with the cosine momentum schedule, m changes every step: the restarted workers must pick it up exactly
     cfg = load_config(None, tiny_pretrain_overrides(tmp_path, "crash", **{
-        "run.num_workers": 2, "run.cpus_per_worker": 0.5, "optim.epochs": 3, "run.max_failures": 1}))
+        "run.num_workers": 2, "run.cpus_per_worker": 0.5, "optim.epochs": 3, "run.max_failures": 1,
+        "moco.momentum_schedule": "cosine"}))
     res = run_pretrain(cfg, faults=Faults(crash_at_epoch=1, crash_rank=1, crash_marker=str(marker)))
     assert marker.exists(), "the injected failure did not happen"
     assert res.status == "completed" and res.metrics["epoch"] == 3
     client = _client(tmp_path)
     assert _history(client, res.mlflow_run_id, "loss") == [1, 2, 3]
     assert _history(client, res.mlflow_run_id, "knn_top1") == [0, 1, 2, 3]
+    # the momentum of each epoch's last step (4 steps per epoch): 1 - 0.01 * (1 + cos(pi * progress)) / 2
+    logged = [m.value for m in sorted(client.get_metric_history(res.mlflow_run_id, "momentum"), key=lambda m: m.step)]
+    expected = [1 - 0.01 * (1 + math.cos(math.pi * (e + 3 / 4) / 3)) / 2 for e in range(3)]
+    assert logged == pytest.approx(expected, abs=1e-9)
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_session, tmp_path):

@@ -175,7 +175,7 @@ def test_cpu_sweep_over_k_m_tau_tracks_every_trial_stops_some_early_and_returns_
     assert parent.data.metrics["trials_early_stopped"] >= 2
     assert parent.data.params["best.moco.queue_size"] == str(res.best["moco.queue_size"])
     artifacts = {a.path for a in c.list_artifacts(res.parent_run_id)}
-    assert {"trials.csv", "best_config.yaml", "sweep.yaml", "plots"} <= artifacts
+    assert {"trials.csv", "best_config.yaml", "config.yaml", "command.txt", "environment.json", "plots"} <= artifacts
     assert len(c.list_artifacts(res.parent_run_id, "plots")) == 4  # 3 fields + the K x m heatmap
 
     children = children_of(res.tracking_uri, "sweep-tests", res.parent_run_id)
@@ -185,6 +185,7 @@ def test_cpu_sweep_over_k_m_tau_tracks_every_trial_stops_some_early_and_returns_
         row = rows[tags["mocoray.trial_id"]]
         assert tags[JOB_TAG] == "pretrain"
         assert tags["mlflow.parentRunId"] == res.parent_run_id
+        assert tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]  # the sweep's command line
         assert child.info.run_name == trial_run_name("k-m-tau", row["trial_id"])
         assert params["moco.queue_size"] == str(row["moco.queue_size"])
         assert params["moco.momentum"] == str(row["moco.momentum"])

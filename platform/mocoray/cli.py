@@ -1,4 +1,4 @@
-"""The `mocoray` command: pretrain, linear-eval, compare, sweep, export, submit, make-parquet."""
+"""The `mocoray` command: pretrain, linear-eval, compare, sweep, export, register, submit, make-parquet."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if "knn_top1" in m:
         print(f"kNN top-1:   {m['knn_top1']:.4f} (random init {m['knn_top1_init']:.4f}, "
               f"margin {m['knn_margin']:+.4f}) after {m['epoch']} epochs")
+    if "logreg_top1" in m:
+        print(f"logreg top-1: {m['logreg_top1']:.4f} (random init {m['logreg_top1_init']:.4f}, "
+              f"margin {m['logreg_margin']:+.4f}): logistic regression on standardised backbone features")
     if res.mlflow_run_id:
         print(f"MLflow run:  {res.mlflow_run_id} at {res.tracking_uri}")
     if res.unsent_metrics:
@@ -149,10 +152,47 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .encoders import export_backbone
+    from .config import TrackingConfig
+    from .config.linear import EncoderConfig
+    from .encoders import export_backbone, resolve_encoder, weights_path
+    from .tracking_artifacts import is_artifact_uri
 
-    state = export_backbone(args.checkpoint, args.out)
-    print(f"wrote {len(state)} backbone tensors to {args.out}")
+    if len(args.paths) != (1 if args.pretrain_run else 2):
+        print("mocoray export: give CHECKPOINT OUT, or --pretrain-run RUN_ID OUT", file=sys.stderr)
+        return 2
+    *source, out = args.paths
+    weights = source[0] if source else None
+    if args.pretrain_run or is_artifact_uri(weights):  # found through the tracking server
+        enc = EncoderConfig(pretrain_run=args.pretrain_run, checkpoint=weights)
+        try:
+            weights = weights_path(resolve_encoder(enc, TrackingConfig(tracking_uri=args.tracking_uri)))
+        except (LookupError, ValueError) as err:
+            print(f"mocoray export: {err}", file=sys.stderr)
+            return 2
+    state = export_backbone(weights, out)  # type: ignore[arg-type]
+    print(f"wrote {len(state)} backbone tensors to {out}")
+    return 0
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from .registry import register_encoder
+    from .tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    try:
+        version = register_encoder(uri, args.run_id, args.name, args.alias, args.description)
+    except (LookupError, ValueError) as err:
+        print(f"mocoray register: {err}", file=sys.stderr)
+        return 2
+    except MlflowException as err:  # the server refused (permissions, a name it does not accept, ...)
+        print(f"mocoray register: MLflow at {uri}: {err.message.splitlines()[0][:300]}", file=sys.stderr)
+        return 1
+    aliases = "".join(f"  {version.name}@{a}" for a in version.aliases)
+    results = ", ".join(f"{k} {v}" for k, v in version.tags.items() if not k.startswith("mocoray."))
+    print(f"registered {version.uri}{aliases} from run {args.run_id} at {uri}"
+          + (f"\n{results}" if results else "\n(no finished linear or detection run yet)"))
     return 0
 
 
@@ -234,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--pretrain-run", default=None, metavar="RUN_ID",
                         help="MLflow run id of a pretraining run: evaluates its final checkpoint")
     source.add_argument("--checkpoint", default=None, metavar="PATH",
-                        help="checkpoint dir, exported backbone .pt or official MoCo .pth.tar (path or URL)")
+                        help="checkpoint dir, exported backbone .pt or official MoCo .pth.tar (path or URL), "
+                             "or a registered encoder: models:/NAME@ALIAS, models:/NAME/VERSION")
     source.add_argument("--random-init", action="store_true", help="a random-init backbone (the baseline)")
     p.add_argument("--arch", default=None, help="backbone architecture, for files without meta.json")
     p.add_argument("--resume", action="store_true", help="continue the run with the same run.name and storage")
@@ -275,9 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("export", help="write a checkpoint's query backbone as a plain torchvision state_dict")
-    p.add_argument("checkpoint", help="checkpoint directory (local or URL)")
-    p.add_argument("out", help="output .pt path (local or URL)")
+    p.add_argument("paths", nargs="+", metavar="[CHECKPOINT] OUT",
+                   help="checkpoint directory or file (local or URL), models:/NAME@ALIAS or models:/NAME/VERSION; "
+                        "then the output .pt path (local or URL)")
+    p.add_argument("--pretrain-run", default=None, metavar="RUN_ID",
+                   help="instead of CHECKPOINT: a pretraining run (its checkpoint, else its encoder artifact)")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("register", help="register a pretraining run's encoder in the MLflow Model Registry")
+    p.add_argument("run_id", metavar="RUN_ID", help="MLflow run id of a pretraining run")
+    p.add_argument("--name", required=True, help="registered model name (created if new); each call adds a version")
+    p.add_argument("--alias", action="append", default=[], help="alias pointing at the new version, e.g. champion")
+    p.add_argument("--description", default=None, help="version description (default: the run's recipe and results)")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.set_defaults(func=_cmd_register)
 
     p = sub.add_parser("submit", help="run a mocoray command as a job on a Ray cluster (ray job submit)")
     p.add_argument("--address", default=None, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
@@ -299,7 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # the jobs are written for Ray Train V2
+    from .tracking_artifacts import set_command_line
+
     args = build_parser().parse_args(argv)
+    set_command_line(["mocoray", *(sys.argv[1:] if argv is None else argv)])  # what each job's run records
     try:
         return args.func(args)
     except ConfigError as err:

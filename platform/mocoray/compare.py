@@ -8,12 +8,15 @@ follows the lineage tags: a linear or detection run names its pretraining run in
 from __future__ import annotations
 
 import io
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .table import FORMATS, render_table
 from .tracking import JOB_TAG, PRETRAIN_RUN_TAG, client, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
 
 
 class CompareError(ValueError):
@@ -38,7 +41,11 @@ PARAMS = {
     "bn_mode": "moco.bn_mode",
 }
 PARAM_ALIASES = {"K": ("queue_size",), "m": ("momentum",), "tau": ("temperature",)}
-# Detection metric names: ours first, then detectron2's; the first present is used.
+# Downstream metric names: the final value first; detectron2's names after ours; the first present is used.
+LINEAR_METRICS = {
+    "linear_top1": ("linear_top1_final", "linear_top1"),
+    "linear_top5": ("linear_top5_final", "linear_top5"),
+}
 DETECTION_METRICS = {
     "AP": ("AP", "bbox_AP", "bbox/AP"),
     "AP50": ("AP50", "bbox_AP50", "bbox/AP50"),
@@ -52,7 +59,10 @@ COLUMNS = (
     Column("linear_top1", ("linear", "top1"), True),
     Column("linear_top5", ("top5",), True),
     *(Column(name, (), True) for name in DETECTION_METRICS),
+    Column("registered", ("model",)),  # shown only when a run of the table is in the Model Registry
+    Column("alias", ("aliases",)),
 )
+REGISTRY_COLUMNS = ("registered", "alias")
 
 
 @dataclass
@@ -82,15 +92,20 @@ def _number(text: str | None) -> Any:
     return text
 
 
-def _search_all(c, experiment_ids: list[str], filter_string: str) -> list:
-    runs, token = [], None
+def _all_pages(search, *args, **kwargs) -> list:
+    """Every result of an MLflow search (runs, model versions, registered models), page by page."""
+    items, token = [], None
     while True:
-        page = c.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token,
-                             order_by=["attributes.start_time ASC"])
-        runs.extend(page)
+        page = search(*args, page_token=token, **kwargs)
+        items.extend(page)
         token = page.token
         if not token:
-            return runs
+            return items
+
+
+def _search_all(c, experiment_ids: list[str], filter_string: str) -> list:
+    return _all_pages(c.search_runs, experiment_ids, filter_string=filter_string, max_results=1000,
+                      order_by=["attributes.start_time ASC"])
 
 
 def _experiment_ids(c, experiment: str | None, uri: str) -> list[str]:
@@ -119,6 +134,49 @@ def _first(metrics: dict[str, float], names: tuple[str, ...]) -> float | None:
     return next((metrics[n] for n in names if n in metrics), None)
 
 
+def _results(linear_run, detection_run) -> dict[str, float | None]:
+    """The downstream columns from a pretraining run's linear and detection runs (None: no such run)."""
+    lin = linear_run.data.metrics if linear_run else {}
+    det = detection_run.data.metrics if detection_run else {}
+    return {**{name: _first(lin, names) for name, names in LINEAR_METRICS.items()},
+            **{name: _first(det, names) for name, names in DETECTION_METRICS.items()}}
+
+
+def downstream_results(tracking_uri: str, run_id: str) -> dict[str, float]:
+    """linear_top1/5 and AP/AP50/AP75 of one pretraining run: its newest finished linear and detection
+    runs, as `compare` shows them; only the values that exist."""
+    c = client(tracking_uri)
+    everywhere = [e.experiment_id for e in c.search_experiments()]
+    newest = {}
+    for job in ("linear", "detection"):
+        runs = _search_all(c, everywhere, f"tags.`{JOB_TAG}` = '{job}' and tags.`{PRETRAIN_RUN_TAG}` = '{run_id}'")
+        newest[job] = _newest_finished(runs).get(run_id)
+    return {k: v for k, v in _results(newest["linear"], newest["detection"]).items() if v is not None}
+
+
+def _registrations(c) -> dict[str, dict[str, str]]:
+    """run id -> its registry columns: 'NAME/VERSION' of every model version made from it, and their aliases
+    (none when the store has no Model Registry: the table goes without those columns)."""
+    from mlflow.exceptions import MlflowException
+
+    aliases: dict[tuple[str, str], list[str]] = {}
+    try:
+        for model in _all_pages(c.search_registered_models, max_results=1000):
+            for alias, version in model.aliases.items():
+                aliases.setdefault((model.name, str(version)), []).append(f"{model.name}@{alias}")
+        versions = _all_pages(c.search_model_versions, max_results=10000)
+    except MlflowException as err:
+        log.warning("no registry columns: reading the Model Registry failed: %s", err.message.splitlines()[0][:200])
+        return {}
+    out: dict[str, dict[str, list[str]]] = {}
+    for mv in versions:
+        if mv.run_id:
+            cols = out.setdefault(mv.run_id, {"registered": [], "alias": []})
+            cols["registered"].append(f"{mv.name}/{mv.version}")
+            cols["alias"] += aliases.get((mv.name, str(mv.version)), [])
+    return {rid: {k: " ".join(sorted(v)) for k, v in cols.items()} for rid, cols in out.items()}
+
+
 def compare_table(
     tracking_uri: str | None = None,
     experiment: str | None = None,
@@ -144,6 +202,7 @@ def compare_table(
     everywhere = [e.experiment_id for e in c.search_experiments()]
     linear = _newest_finished(_search_all(c, everywhere, f"tags.`{JOB_TAG}` = 'linear'"))
     detection = _newest_finished(_search_all(c, everywhere, f"tags.`{JOB_TAG}` = 'detection'"))
+    registered = _registrations(c)
 
     rows = []
     for run in pretrain:
@@ -151,11 +210,8 @@ def compare_table(
         row: dict[str, Any] = {"run_id": rid, "run": run.info.run_name}
         row.update({short: _number(params.get(long)) for short, long in PARAMS.items()})
         row["knn_top1"] = metrics.get("knn_top1")
-        lin = linear[rid].data.metrics if rid in linear else {}
-        row["linear_top1"] = _first(lin, ("linear_top1_final", "linear_top1"))
-        row["linear_top5"] = _first(lin, ("linear_top5_final", "linear_top5"))
-        det = detection[rid].data.metrics if rid in detection else {}
-        row.update({name: _first(det, names) for name, names in DETECTION_METRICS.items()})
+        row.update(_results(linear.get(rid), detection.get(rid)))
+        row.update(registered.get(rid, dict.fromkeys(REGISTRY_COLUMNS)))
         rows.append(row)
     if sort_col:
         present = [r for r in rows if r[sort_col.name] is not None]
@@ -165,7 +221,9 @@ def compare_table(
         except TypeError:  # mixed numbers and text: compare as text
             present.sort(key=lambda r: str(r[sort_col.name]), reverse=not ascending)
         rows = present + missing
-    return CompareTable([col.name for col in COLUMNS], rows)
+    shown = [col.name for col in COLUMNS
+             if col.name not in REGISTRY_COLUMNS or any(r[col.name] for r in rows)]
+    return CompareTable(shown, rows)
 
 
 def render(table: CompareTable, fmt: str = "plain") -> str:

@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .tracking_outbox import MetricRow, Outbox
 
@@ -24,6 +25,7 @@ RUN_KEY_TAG = "mocoray.run_key"
 SWEEP_RUN_TAG = "mocoray.sweep_run_id"
 STATUS_TAG = "mocoray.status"
 BACKBONE_TAG = "mocoray.backbone"
+ENCODER_TAG = "mocoray.encoder_artifact"  # runs:/<run id>/encoder once the exported backbone is logged
 RUN_DIR_TAG = "mocoray.run_dir"
 MLFLOW_PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests child runs under their parent in the UI
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
@@ -55,13 +57,24 @@ def client(uri: str):
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
+def local_artifact_location(uri: str, experiment: str) -> str | None:
+    """Beside the database file for a SQLite store (`<db folder>/mlartifacts/<experiment>`); None otherwise.
+
+    MLflow's own default is ./mlruns of whatever directory first created the experiment: artifacts
+    would scatter across working directories instead of staying with their store.
+    """
+    if not uri.startswith("sqlite:////"):
+        return None
+    return str(Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / quote(experiment, safe=""))
+
+
 def experiment_id(c, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return c.create_experiment(name)
+    return c.create_experiment(name, artifact_location=local_artifact_location(c.tracking_uri, name))
 
 
 def param_value(value: Any) -> str:
@@ -212,6 +225,7 @@ def run_lineage(uri: str, run_id: str) -> dict[str, Any]:
         "job": run.data.tags.get(JOB_TAG),
         "checkpoint": run.data.tags.get(CHECKPOINT_TAG),
         "backbone": run.data.tags.get(BACKBONE_TAG),
+        "encoder_artifact": run.data.tags.get(ENCODER_TAG),
         "params": dict(run.data.params),
     }
 

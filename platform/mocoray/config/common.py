@@ -67,6 +67,8 @@ class TrackingConfig(Section):
     enabled: bool = True
     experiment: str = "mocoray"
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    log_backbone: bool = Field(True, description="pretraining: the exported backbone as the run's `encoder/` "
+                               "artifact (what --pretrain-run and the Model Registry use on other machines)")
 
 
 class SGDConfig(Section):

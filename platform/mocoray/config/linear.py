@@ -10,15 +10,17 @@ from pydantic import Field, field_validator, model_validator
 from ..core.backbones import ARCHS
 from .common import DataConfig, RunConfig, Section, SGDConfig, TrackingConfig, load_recipe
 
-LINEAR_MODES = ("augmented", "center", "cached")
+LINEAR_MODES = ("augmented", "center", "cached", "logreg")
 
 
 class EncoderConfig(Section):
     """Where the backbone comes from: exactly one of pretrain_run, checkpoint, random_init."""
 
-    pretrain_run: str | None = Field(None, description="MLflow run id of a pretraining run (its final checkpoint)")
+    pretrain_run: str | None = Field(None, description="MLflow run id of a pretraining run (its final checkpoint; "
+                                      "its encoder/ artifact where that path is not reachable)")
     checkpoint: str | None = Field(
-        None, description="checkpoint directory, exported backbone .pt, or official MoCo .pth.tar (path or URL)"
+        None, description="checkpoint directory, exported backbone .pt, or official MoCo .pth.tar (path or URL); "
+        "or a registered encoder models:/NAME@ALIAS, models:/NAME/VERSION, or a run artifact runs:/ID/encoder"
     )
     random_init: bool = Field(False, description="a randomly initialised backbone: the protocol's own baseline")
     arch: Literal[ARCHS] | None = Field(  # type: ignore[valid-type]
@@ -54,7 +56,8 @@ class LinearProtocolConfig(Section):
         "augmented",
         description="augmented: random-resized-crop + flip views through the frozen backbone every step (paper); "
         "center: centre-crop views through the backbone every step; cached: centre-crop features extracted "
-        "once, fc trained on them (same result as center, much faster)",
+        "once, fc trained on them (same result as center, much faster); logreg: scikit-learn logistic regression on "
+        "the cached features, standardised (no epochs, no lr: a quick, hyperparameter-free score)",
     )
     crop_min_scale: float = Field(0.08, gt=0.0, le=1.0, description="RandomResizedCrop scale (augmented mode)")
     flip: bool = Field(True, description="random horizontal flip (augmented mode)")

@@ -23,6 +23,9 @@ class MocoConfig(Section):
     version: Literal["v1", "v2"] = "v2"
     queue_size: int = Field(65536, ge=1, description="K, negatives in the dictionary")
     momentum: float = Field(0.999, ge=0.0, lt=1.0, description="m of the key encoder's moving average")
+    momentum_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: m rises from moco.momentum to 1.0 over training (MoCo v3, BYOL)"
+    )
     temperature: float = Field(0.2, gt=0.0, le=10.0, description="tau of InfoNCE")
     dim: int = Field(128, ge=1, description="output size of the projection head")
     mlp: bool | None = Field(None, description="2-layer MLP head; default: True for v2, False for v1")
@@ -68,8 +71,12 @@ class OptimConfig(SGDConfig):
 
 
 class KnnConfig(Section):
+    """The online monitor: weighted kNN (and optionally logistic regression) on frozen backbone features."""
+
     k: int = Field(20, ge=1)
     temperature: float = Field(0.1, gt=0.0)
+    logreg: bool = Field(False, description="also fit logistic regression on the same standardised features "
+                         "(metric logreg_top1; seconds on small sets, minutes on ImageNet-sized banks)")
     every: int = Field(1, ge=1, description="epochs between kNN evaluations (the last epoch always runs)")
     max_bank: int | None = Field(None, ge=1, description="cap on labelled images in the kNN bank")
 

@@ -28,8 +28,8 @@ from .common import (
 from .pretrain import PretrainConfig
 
 # What `run_pretrain` reports to Ray Train every epoch (and so to Tune): what a sweep can rank by.
-REPORTED_METRICS = ("knn_top1", "knn_margin", "knn_top1_init", "loss", "contrastive_acc", "lr",
-                    "pairs_per_s", "epoch_time_s", "epoch")
+REPORTED_METRICS = ("knn_top1", "knn_margin", "knn_top1_init", "logreg_top1", "loss", "contrastive_acc", "lr",
+                    "momentum", "pairs_per_s", "epoch_time_s", "epoch")
 # Fields the sweep sets itself for every trial (each trial's run directory and MLflow run).
 SWEEP_OWNED = ("run.name", "run.storage_path", "tracking.")
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")

@@ -79,3 +79,16 @@ def plain_digits() -> tuple[TensorImages, TensorImages]:
         TensorImages(rgb[train_src], labels[train_src], num_classes=10),
         TensorImages(rgb[val_src], labels[val_src], num_classes=10),
     )
+
+
+def generator_parameters(name: str) -> tuple[int, int, dict]:
+    """(train images, val images, what defines the images) of `scattered-digits` or `digits`, without
+    rendering them: the placement constants, the seed, and a hash of the source digits."""
+    import hashlib
+
+    images, _labels = _source_digits()
+    train_src, val_src = _split_sources(images.shape[0])
+    placements = PLACEMENTS if name == "scattered-digits" else 1
+    params = {"canvas": CANVAS, "size_range": SIZE_RANGE, "placements": placements, "val_fraction": VAL_FRACTION,
+              "seed": DATA_SEED, "source_digits_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
+    return len(train_src) * placements, len(val_src) * placements, params

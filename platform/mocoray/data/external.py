@@ -26,7 +26,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .base import CorruptImageError, DatasetNotFoundError, TensorImages
-from .files import IMAGE_EXTENSIONS, decode_image, display, find_classes, find_shards, list_images, resolve
+from .files import (
+    IMAGE_EXTENSIONS,
+    decode_image,
+    display,
+    find_classes,
+    find_shards,
+    list_images,
+    read_bytes,
+    resolve,
+)
 
 if TYPE_CHECKING:  # neither pydantic (config) nor pyarrow (parquet) is needed for the other formats
     from ..config import DataConfig
@@ -60,11 +69,6 @@ def external_splits(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
     if cfg.name == "parquet":
         return parquet_splits(cfg.root, cfg.val_root)
     raise ValueError(f"data.name={cfg.name!r} is not an external dataset")
-
-
-def _read_bytes(fs: AbstractFileSystem, path: str) -> bytes:
-    with fs.open(path, "rb") as f:
-        return f.read()
 
 
 def _find_folder(fs: AbstractFileSystem, root: str, url: str, folder: str, marker: str) -> str:
@@ -138,7 +142,7 @@ def _stl10_images(fs: AbstractFileSystem, path: str, memmap: bool = False) -> to
         # writable, which torch.from_numpy wants
         flat = np.memmap(path, dtype=np.uint8, mode="c")
     else:
-        flat = np.frombuffer(bytearray(_read_bytes(fs, path)), dtype=np.uint8)
+        flat = np.frombuffer(bytearray(read_bytes(fs, path)), dtype=np.uint8)
     images = flat.reshape(-1, 3, STL10_SIZE, STL10_SIZE)
     return torch.from_numpy(images).transpose(2, 3)  # column-major -> H x W; a view, no copy
 
@@ -151,7 +155,7 @@ def _stl10_folder(root: str) -> tuple[AbstractFileSystem, str]:
 def _stl10_split(fs: AbstractFileSystem, folder: str, split: str) -> TensorImages:
     images = _stl10_images(fs, posixpath.join(folder, f"{split}_X.bin")).contiguous()
     raw = np.frombuffer(
-        _read_bytes(fs, _require_file(fs, posixpath.join(folder, f"{split}_y.bin"))), dtype=np.uint8
+        read_bytes(fs, _require_file(fs, posixpath.join(folder, f"{split}_y.bin"))), dtype=np.uint8
     )
     labels = torch.from_numpy(raw.astype(np.int64) - 1)  # the file counts classes from 1
     if labels.shape[0] != images.shape[0]:
@@ -161,7 +165,7 @@ def _stl10_split(fs: AbstractFileSystem, folder: str, split: str) -> TensorImage
     ds = TensorImages(images, labels, num_classes=10)
     names = posixpath.join(folder, "class_names.txt")
     if fs.isfile(names):
-        ds.classes = _read_bytes(fs, names).decode().split()
+        ds.classes = read_bytes(fs, names).decode().split()
     return ds
 
 
@@ -176,6 +180,22 @@ def stl10_unlabeled(root: str) -> TensorImages:
     fs, folder = _stl10_folder(root)
     images = _stl10_images(fs, posixpath.join(folder, "unlabeled_X.bin"), memmap=True)
     return TensorImages(images, torch.full((images.shape[0],), -1, dtype=torch.long), num_classes=10)
+
+
+def binary_split_files(name: str, root: str) -> tuple[AbstractFileSystem, dict[str, list[str]]]:
+    """The files each split of CIFAR / STL-10 reads: {"train": [...], "val": [...], "unlabeled": [...]}."""
+    if name in CIFAR:
+        folder_name, train_files, test_files = CIFAR[name][:3]
+        fs, path = resolve(root, "data.root")
+        folder = _find_folder(fs, path, root, folder_name, train_files[0])
+        return fs, {"train": [posixpath.join(folder, f) for f in train_files],
+                    "val": [posixpath.join(folder, f) for f in test_files]}
+    if name == "stl10":
+        fs, folder = _stl10_folder(root)
+        return fs, {split: [posixpath.join(folder, f"{prefix}_{part}.bin") for part in parts]
+                    for split, prefix, parts in (("train", "train", "Xy"), ("val", "test", "Xy"),
+                                                 ("unlabeled", "unlabeled", "X"))}
+    raise ValueError(f"data.name={name!r} is not a binary-file dataset (cifar10, cifar100, stl10)")
 
 
 # ---------------------------------------------------------------------------------------------- ImageFolder
@@ -217,7 +237,7 @@ class ImageFolderFS(Dataset):
     def encoded(self, i: int) -> tuple[bytes, int]:
         """The file's bytes, undecoded, and its label (what `data.decode=gpu` loader workers serve)."""
         try:
-            return _read_bytes(self.fs, self.paths[i]), int(self.labels[i])
+            return read_bytes(self.fs, self.paths[i]), int(self.labels[i])
         except (FileNotFoundError, PermissionError) as err:  # gone/unreadable since listing: skip it too
             raise CorruptImageError(f"{display(self.fs, self.paths[i])}: {type(err).__name__}: {err}") from err
 
@@ -226,11 +246,9 @@ class ImageFolderFS(Dataset):
         return decode_image(data, display(self.fs, self.paths[i])), label
 
 
-def imagefolder_splits(root: str, val_root: str | None = None) -> tuple[ImageFolderFS, ImageFolderFS, int]:
-    """ImageNet layout `root/train/<class>/*` + `root/val/<class>/*` (or `val_root/<class>/*`).
-
-    With `val_root` given, `root` may also be the train folder itself. Val is labelled with train's
-    class index; a val class folder unknown to train is an error."""
+def imagefolder_dirs(root: str, val_root: str | None = None
+                    ) -> tuple[tuple[AbstractFileSystem, str], tuple[AbstractFileSystem, str, str]]:
+    """((fs, train folder), (fs, val folder, its config field)) of an ImageFolder dataset, checked to exist."""
     fs, path = resolve(root, "data.root")
     train_dir = posixpath.join(path, "train")
     if not fs.isdir(train_dir):
@@ -250,6 +268,15 @@ def imagefolder_splits(root: str, val_root: str | None = None) -> tuple[ImageFol
             raise DatasetNotFoundError(
                 f"data.val_root is not set and {root}/val does not exist (data.root={root})"
             )
+    return (fs, train_dir), (fs_val, val_dir, field_name)
+
+
+def imagefolder_splits(root: str, val_root: str | None = None) -> tuple[ImageFolderFS, ImageFolderFS, int]:
+    """ImageNet layout `root/train/<class>/*` + `root/val/<class>/*` (or `val_root/<class>/*`).
+
+    With `val_root` given, `root` may also be the train folder itself. Val is labelled with train's
+    class index; a val class folder unknown to train is an error."""
+    (fs, train_dir), (fs_val, val_dir, field_name) = imagefolder_dirs(root, val_root)
     train = ImageFolderFS(fs, train_dir, field_name="data.root")
     val = ImageFolderFS(fs_val, val_dir, classes=train.classes, field_name=field_name)
     return train, val, train.num_classes
@@ -283,11 +310,9 @@ def _parquet_layout(fs: AbstractFileSystem, path: str, url: str) -> tuple[list[s
     return find_shards(fs, path, url, "data.root"), None
 
 
-def parquet_splits(root: str, val_root: str | None = None) -> tuple[ParquetImages, ParquetImages, int]:
-    """Parquet shards of encoded images + optional `label`: (train, val, num_classes).
-
-    `root` is a shard, a glob or a folder; val is `val_root`, else `root/val` (or `validation`, `test`)
-    next to `root/train`, else `validation-*`/`val-*`/`test-*` shards next to `train-*` ones."""
+def parquet_shards(root: str, val_root: str | None = None
+                   ) -> tuple[tuple[AbstractFileSystem, list[str]], tuple[AbstractFileSystem, list[str]]]:
+    """((fs, train shards), (fs, val shards)) of a Parquet dataset; see `parquet_splits` for the layouts."""
     fs, path = resolve(root, "data.root")
     train_shards, val_shards = _parquet_layout(fs, path, root)
     # find the val shards before reading train into memory, so a missing val split fails fast
@@ -301,8 +326,17 @@ def parquet_splits(root: str, val_root: str | None = None) -> tuple[ParquetImage
             f"data.val_root is not set and data.root={root} has no labelled val split: expected {root}/train + "
             f"{root}/val sub-folders (or train-*/validation-* shard names), or set data.val_root"
         )
+    return (fs, train_shards), (fs_val, val_shards)
+
+
+def parquet_splits(root: str, val_root: str | None = None) -> tuple[ParquetImages, ParquetImages, int]:
+    """Parquet shards of encoded images + optional `label`: (train, val, num_classes).
+
+    `root` is a shard, a glob or a folder; val is `val_root`, else `root/val` (or `validation`, `test`)
+    next to `root/train`, else `validation-*`/`val-*`/`test-*` shards next to `train-*` ones."""
     from .parquet import ParquetImages
 
+    (fs, train_shards), (fs_val, val_shards) = parquet_shards(root, val_root)
     train, val = ParquetImages(fs, train_shards), ParquetImages(fs_val, val_shards)
     if train.classes is not None and val.classes is not None and train.classes != val.classes:
         raise ValueError(

@@ -102,3 +102,17 @@ def find_shards(fs: AbstractFileSystem, path: str, url: str, field_name: str) ->
     if not shards:
         raise DatasetNotFoundError(f"{field_name}: no Parquet shards (*.parquet) under {url}")
     return shards
+
+
+def read_bytes(fs: AbstractFileSystem, path: str) -> bytes:
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def image_size(fs: AbstractFileSystem, path: str) -> tuple[int, int]:
+    """(width, height) from the image header only (for annotations that do not state the size)."""
+    try:
+        with fs.open(path, "rb") as f, Image.open(f) as img:
+            return img.size
+    except Exception as err:
+        raise CorruptImageError(f"{display(fs, path)}: {type(err).__name__}: {err}") from err

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .. import __version__
 from ..checkpoints import load_training_checkpoint, save_training_checkpoint
-from ..config import LinearConfig, flatten, load_linear_config
+from ..config import LinearConfig, dump_yaml, flatten, load_linear_config
 from ..core.amp import autocast
 from ..core.augment import AugmentSpec, BatchAugment, normalize_batch
 from ..core.distributed import all_reduce_sum, rank_world
@@ -37,7 +37,10 @@ from ..core.features import extract_features
 from ..core.schedule import lr_at
 from ..data import image_batches, labelled_splits, take
 from ..data.base import Resized, SkipCorrupt, TensorImages, Transformed, collate_batch, to_uint8_tensor
+from ..data.fingerprint import dataset_records
 from ..encoders import EncoderSource, load_backbone, resolve_encoder
+from ..logreg import fit_logreg
+from ..registry import tag_versions_with_results
 from ..table import render_table
 from ..tracking import (
     CHECKPOINT_TAG,
@@ -47,8 +50,10 @@ from ..tracking import (
     STATUS_TAG,
     MetricLogger,
     resolve_tracking_uri,
+    safely,
     start_run,
 )
+from ..tracking_artifacts import log_environment, record_job_start
 from . import runtime
 from .faults import Faults
 
@@ -284,6 +289,50 @@ def evaluate(classifier: nn.Module, batches, device: torch.device, sharded: bool
     return c1 / n, c5 / n
 
 
+def report_with_checkpoint(fc: nn.Linear, optimizer: torch.optim.Optimizer | None, metrics: dict, cfg: LinearConfig,
+                           loop_config: dict, rank: int, world: int) -> None:
+    """Report `metrics` to Ray with a checkpoint of the fc layer (rank 0 writes it)."""
+    import ray.train
+
+    epoch_no = metrics["epoch"]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_training_checkpoint(
+            tmp,
+            rank=rank,
+            model_state={f"fc.{k}": v for k, v in fc.state_dict().items()} if rank == 0 else None,
+            optimizer_state=optimizer.state_dict() if rank == 0 and optimizer is not None else None,
+            scaler_state=None,
+            train_state={"epoch": epoch_no, "linear_top1": metrics["linear_top1"],
+                         "linear_top5": metrics["linear_top5"]},
+            meta={"config": cfg.model_dump(mode="json"), "encoder": loop_config["encoder"], "metrics": metrics,
+                  "world_size": world, "mocoray": __version__, "torch": torch.__version__},
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"epoch_{epoch_no:04d}")
+
+
+def logreg_protocol(source: CachedFeatures, fc: nn.Linear, cfg: LinearConfig, loop_config: dict,
+                    logger: MetricLogger | None, rank: int, world: int, device: torch.device) -> None:
+    """`linear.mode=logreg`: one scikit-learn fit on rank 0, stored as the fc layer; no epochs."""
+    t0 = time.perf_counter()
+    top = [0.0, 0.0]
+    if rank == 0:
+        res = fit_logreg(source.train_f, source.train_y, source.val_f, source.val_y, cfg.run.seed)
+        fc.weight.data.copy_(res.weight[: fc.out_features])
+        fc.bias.data.copy_(res.bias[: fc.out_features])
+        top = [res.top1, res.top5]
+    top1, top5 = all_reduce_sum(top, device)  # the other ranks only need the numbers for their report
+    metrics = {"epoch": 1, "linear_top1": top1, "linear_top5": top5, "epoch_time_s": time.perf_counter() - t0}
+    if logger:
+        logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=1)
+        runtime.console(f"logistic regression on standardised features: val top-1 {top1:.4f}  top-5 {top5:.4f}  "
+                        f"({metrics['epoch_time_s']:.1f}s)")
+    report_with_checkpoint(fc, None, metrics, cfg, loop_config, rank, world)
+    if rank == 0:
+        runtime.write_status(loop_config["status_url"], {"status": "completed", "epoch": 1,
+                                                          "linear_top1": top1, "linear_top5": top5})
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -333,7 +382,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     classifier = ray.train.torch.prepare_model(fc, move_to_device=False) if world > 1 else fc
 
     t0 = time.perf_counter()
-    if mode == "cached":
+    if mode in ("cached", "logreg"):
         source: CachedFeatures | StreamedFeatures = CachedFeatures(backbone, train_center, val_center, cfg, device)
         sampler = DistributedSampler(range(source.num_train), num_replicas=world, rank=rank, shuffle=True,
                                      seed=cfg.run.seed)
@@ -347,10 +396,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sharded_val = isinstance(source, StreamedFeatures)
 
     logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
+    if mode == "logreg":
+        logreg_protocol(source, fc, cfg, loop_config, logger, rank, world, device)  # type: ignore[arg-type]
+        return
     if rank == 0:
+        log_environment(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"), world, device)
         runtime.console(f"linear eval ({mode}) of {encoder.label}: {encoder.arch}, {feat_dim}-d features, {num_classes} classes, "
                 f"{source.num_train} train / {len(val_center)} val images, {world} worker(s), "
-                f"{steps_per_epoch} steps/epoch" + (f"; features cached in {extract_s:.1f}s" if mode == "cached" else ""))
+                f"{steps_per_epoch} steps/epoch" + (f"; features cached in {extract_s:.1f}s" if mode in ("cached", "logreg") else ""))
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch)
@@ -382,23 +435,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Ray gets a report (a barrier, ~1-2 s in Train V2) only with a checkpoint: a cached-feature epoch
         # takes milliseconds, and MLflow already has every epoch's metrics.
         if epoch_no % cfg.run.checkpoint_every == 0 or last:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_training_checkpoint(
-                    tmp,
-                    rank=rank,
-                    model_state={f"fc.{k}": v for k, v in fc.state_dict().items()} if rank == 0 else None,
-                    optimizer_state=optimizer.state_dict() if rank == 0 else None,
-                    scaler_state=None,
-                    train_state={"epoch": epoch_no, "linear_top1": top1, "linear_top5": top5},
-                    meta={"config": cfg.model_dump(mode="json"), "encoder": loop_config["encoder"],
-                          "metrics": metrics, "world_size": world, "mocoray": __version__,
-                          "torch": torch.__version__},
-                )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"epoch_{epoch_no:04d}")
+            report_with_checkpoint(fc, optimizer, metrics, cfg, loop_config, rank, world)
     if rank == 0:
         runtime.write_status(loop_config["status_url"], {"status": "completed", "epoch": cfg.optim.epochs,
-                                                  "linear_top1": top1, "linear_top5": top5})
+                                                          "linear_top1": top1, "linear_top5": top5})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -450,6 +490,7 @@ def run_linear_eval(cfg: LinearConfig, address: str | None = None, resume: bool 
     if cfg.tracking.enabled:
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
         job.open_tracking(uri, _open_mlflow_run, cfg, encoder, job.run_dir, uri)
+        record_job_start(job.tracking_uri, job.mlflow_run_id, dump_yaml(cfg), lambda: dataset_records(cfg.data))
 
     runtime.init_ray(address)
     loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), encoder=asdict(encoder), faults=faults.to_dict())
@@ -468,13 +509,15 @@ def run_linear_eval(cfg: LinearConfig, address: str | None = None, resume: bool 
     checkpoint = runtime.checkpoint_url(result, job.storage_path)
     if job.mlflow_run_id:
         final = {"linear_top1_final": status["linear_top1"], "linear_top5_final": status["linear_top5"]}
-        MetricLogger(job.tracking_uri, job.mlflow_run_id).metrics(final, step=cfg.optim.epochs)
+        MetricLogger(job.tracking_uri, job.mlflow_run_id).metrics(final, step=status["epoch"])
         if encoder.pretrain_run_id:  # the link back, for people browsing the pretraining run
             MetricLogger(job.tracking_uri, encoder.pretrain_run_id).tags({LINEAR_RUN_TAG: job.mlflow_run_id})
     tags = {STATUS_TAG: "completed"}
     if checkpoint:
         tags[FC_CHECKPOINT_TAG] = checkpoint
     job.end_tracking("FINISHED", tags)
+    if job.mlflow_run_id and encoder.pretrain_run_id:  # registered versions of the encoder show the new result
+        safely("tagging registered versions", tag_versions_with_results, job.tracking_uri, encoder.pretrain_run_id)
     return LinearResult(run_dir=job.run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}),
                         status=status["status"], mlflow_run_id=job.mlflow_run_id, tracking_uri=job.tracking_uri,
                         encoder=encoder)

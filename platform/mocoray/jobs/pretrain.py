@@ -22,23 +22,25 @@ from torch.utils.data import DataLoader
 
 from .. import __version__, storage
 from ..checkpoints import load_training_checkpoint, save_training_checkpoint, set_rng_state
-from ..config import PretrainConfig, flatten
+from ..config import PretrainConfig, dump_yaml, flatten
 from ..core.amp import AMP_DTYPES
 from ..core.augment import BatchAugment, moco_spec, two_view_transform
 from ..core.backbones import build_backbone
 from ..core.compiled import compile_encoders, make_sgd
-from ..core.distributed import all_reduce_sum, same_on_all_ranks
+from ..core.distributed import all_reduce_sum, rank_world, same_on_all_ranks
 from ..core.features import extract_features
 from ..core.knn import knn_top1
 from ..core.moco import Encoder, MoCo, NonFiniteLossError, train_step, unwrap
-from ..core.schedule import lr_at
+from ..core.schedule import lr_at, momentum_at
 from ..core.shuffle_bn import resolve_bn_mode
 from ..data import PretrainData, build_pretrain_data, check_paths, image_batches
 from ..data.base import Resized, SkipCorrupt, TensorImages, Transformed, collate_batch
 from ..data.device_decode import DeviceJpegAugment, collate_encoded, encoded_train_dataset
+from ..data.fingerprint import dataset_records
 from ..data.sampler import GlobalBatchSampler
 from ..encoders import export_backbone
 from ..gpu_metrics import gpu_monitor
+from ..logreg import fit_logreg
 from ..tracking import (
     BACKBONE_TAG,
     CHECKPOINT_TAG,
@@ -51,6 +53,7 @@ from ..tracking import (
     resolve_tracking_uri,
     start_run,
 )
+from ..tracking_artifacts import encoder_info, log_environment, record_encoder, record_job_start
 from ..tracking_outbox import UNSENT_FILE
 from . import runtime
 from .faults import Faults
@@ -124,6 +127,13 @@ class TrainState:
     epoch_acc_sum: float = 0.0
     preemptions: int = 0  # reclaim notices the run received
     steps_lost: int = 0  # steps trained before a restart that no checkpoint kept
+    logreg_top1_init: float | None = None  # knn.logreg: the same for logistic regression
+    logreg_top1_last: float | None = None
+
+    def monitor(self, knn: float, logreg: float | None, init: bool = False) -> None:
+        self.knn_top1_last, self.logreg_top1_last = knn, logreg
+        if init:
+            self.knn_top1_init, self.logreg_top1_init = knn, logreg
 
 
 @dataclass
@@ -131,6 +141,7 @@ class EpochStats:
     loss: float
     contrastive_acc: float
     lr: float
+    momentum: float
     steps: int  # trained in this call (fewer than the epoch's when it resumed mid-epoch)
     train_time_s: float
     corrupt_images_skipped: int = 0
@@ -148,7 +159,7 @@ def train_one_epoch(model, loader, optimizer, scaler, views: TwoViews, cfg: Pret
     amp_dtype = AMP_DTYPES[cfg.run.amp]
     t0 = time.perf_counter()
     skipped = 0
-    cur_lr = lr
+    cur_lr, moco = lr, unwrap(model)
     for i, (x, _labels, n_skipped) in enumerate(loader, start=start):
         if i == start + 1:
             faults.maybe_crash(epoch, rank)
@@ -156,6 +167,8 @@ def train_one_epoch(model, loader, optimizer, scaler, views: TwoViews, cfg: Pret
                        cfg.optim.milestones, cfg.optim.gamma)
         for group in optimizer.param_groups:
             group["lr"] = cur_lr
+        moco.momentum = momentum_at((epoch + i / steps) / cfg.optim.epochs, cfg.moco.momentum,
+                                    cfg.moco.momentum_schedule)
         im_q, im_k, replaced = views(x, device)
         skipped += int(n_skipped) + replaced
         if channels_last:
@@ -172,15 +185,16 @@ def train_one_epoch(model, loader, optimizer, scaler, views: TwoViews, cfg: Pret
             step_checkpoints.after_step(state)
     (skipped,) = all_reduce_sum([skipped], device)  # every rank joins, skipped images or not
     stats = EpochStats(loss=state.epoch_loss_sum / steps, contrastive_acc=state.epoch_acc_sum / steps, lr=cur_lr,
-                       steps=steps - start, train_time_s=time.perf_counter() - t0,
+                       momentum=moco.momentum, steps=steps - start, train_time_s=time.perf_counter() - t0,
                        corrupt_images_skipped=int(skipped))
     state.step_in_epoch, state.epoch_loss_sum, state.epoch_acc_sum = 0, 0.0, 0.0
     return stats
 
 
 def evaluate_knn(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainConfig, device: torch.device,
-                 channels_last: bool) -> float:
-    """Weighted kNN top-1 of the backbone's features: the labelled bank votes for each val image."""
+                 channels_last: bool) -> tuple[float, float | None]:
+    """Weighted kNN top-1 of the backbone's features (the labelled bank votes for each val image) and, with
+    `knn.logreg`, the top-1 of logistic regression fitted on the same bank (on rank 0; None otherwise)."""
     bank = data.knn_bank
     if cfg.knn.max_bank and len(bank) > cfg.knn.max_bank and isinstance(bank, TensorImages):
         bank = bank.subset(torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[: cfg.knn.max_bank])
@@ -195,7 +209,12 @@ def evaluate_knn(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainCon
 
     bank_f, bank_y = features(bank)
     val_f, val_y = features(data.knn_val)
-    return knn_top1(bank_f, bank_y, val_f, val_y, cfg.knn.k, cfg.knn.temperature)
+    knn = knn_top1(bank_f, bank_y, val_f, val_y, cfg.knn.k, cfg.knn.temperature)
+    if not cfg.knn.logreg:
+        return knn, None
+    rank = rank_world()[0]
+    logreg = fit_logreg(bank_f, bank_y, val_f, val_y, cfg.run.seed).top1 if rank == 0 else 0.0
+    return knn, all_reduce_sum([logreg], device)[0]  # every rank reports the same number
 
 
 def epoch_metrics(state: TrainState, stats: EpochStats, cfg: PretrainConfig, epoch_time_s: float) -> dict:
@@ -206,7 +225,11 @@ def epoch_metrics(state: TrainState, stats: EpochStats, cfg: PretrainConfig, epo
         "knn_top1": state.knn_top1_last,
         "knn_top1_init": state.knn_top1_init,
         "knn_margin": state.knn_top1_last - state.knn_top1_init,
+        **({"logreg_top1": state.logreg_top1_last, "logreg_top1_init": state.logreg_top1_init,
+            "logreg_margin": state.logreg_top1_last - state.logreg_top1_init}
+           if state.logreg_top1_last is not None else {}),
         "lr": stats.lr,
+        "momentum": stats.momentum,
         "pairs_per_s": stats.steps * cfg.optim.batch_size / stats.train_time_s,
         "epoch_time_s": epoch_time_s,  # training and kNN
         "corrupt_images_skipped": stats.corrupt_images_skipped,
@@ -217,7 +240,9 @@ def epoch_metrics(state: TrainState, stats: EpochStats, cfg: PretrainConfig, epo
 
 def epoch_line(m: dict, cfg: PretrainConfig) -> str:
     return (f"epoch {m['epoch']}/{cfg.optim.epochs}  loss {m['loss']:.4f}  acc {m['contrastive_acc']:.3f}  "
-            f"kNN {m['knn_top1']:.4f} ({m['knn_margin']:+.4f} vs init)  lr {m['lr']:.4g}  "
+            f"kNN {m['knn_top1']:.4f} ({m['knn_margin']:+.4f} vs init)  "
+            + (f"logreg {m['logreg_top1']:.4f} ({m['logreg_margin']:+.4f})  " if "logreg_top1" in m else "")
+            + f"lr {m['lr']:.4g}  "
             f"{m['pairs_per_s']:.0f} pairs/s  {m['epoch_time_s']:.1f}s")
 
 
@@ -367,16 +392,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         raise ValueError(f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(data.train)} training images")
     views = two_views(cfg)
     logger = None
-    if rank == 0:
+    if rank == 0:  # every start of the worker group: the world size may differ after a restart
         logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"),
                               loop_config["unsent_url"])
         start_attempt(logger, state, checkpoint, same_run, world, loop_config["preemption_record"])
+        log_environment(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"), world, device)
     backbone = unwrap(model).encoder_q.backbone
 
     if state.knn_top1_init is None:
-        state.knn_top1_init = state.knn_top1_last = evaluate_knn(backbone, data, cfg, device, channels_last)
+        state.monitor(*evaluate_knn(backbone, data, cfg, device, channels_last), init=True)
         if logger:
-            logger.metrics({"knn_top1": state.knn_top1_init, "knn_top1_init": state.knn_top1_init}, step=0)
+            init = {"knn_top1": state.knn_top1_init, "knn_top1_init": state.knn_top1_init,
+                    "logreg_top1": state.logreg_top1_init, "logreg_top1_init": state.logreg_top1_init}
+            logger.metrics(init, step=0)
             logger.tags({"mocoray.bn_mode_effective": bn_mode, "mocoray.world_size": world})
             runtime.console(f"{cfg.model.arch}, bn_mode {bn_mode} ({cfg.moco.bn_mode} requested), {world} worker(s), "
                     f"{len(data.train)} images, {len(loader)} steps/epoch; kNN top-1 at init {state.knn_top1_init:.4f}")
@@ -399,7 +427,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.epoch = epoch + 1
             last = state.epoch == cfg.optim.epochs
             if state.epoch % cfg.knn.every == 0 or last:
-                state.knn_top1_last = evaluate_knn(backbone, data, cfg, device, channels_last)
+                state.monitor(*evaluate_knn(backbone, data, cfg, device, channels_last))
             metrics = epoch_metrics(state, stats, cfg, time.perf_counter() - t0) | monitor.epoch_averages()
             if state.epoch % cfg.run.checkpoint_every == 0 or last:
                 save_checkpoint(model, optimizer, scaler, state, cfg, metrics, rank, world, bn_mode)
@@ -496,6 +524,8 @@ def run_pretrain(
         tags = {JOB_TAG: "pretrain", RUN_DIR_TAG: job.run_dir, **(extra_tags or {})}
         job.open_tracking(uri, start_run, uri, cfg.tracking.experiment, cfg.run.name,
                           flatten(cfg.model_dump(mode="json")), tags, job.run_dir)
+        record_job_start(job.tracking_uri, job.mlflow_run_id, dump_yaml(cfg),
+                         lambda: dataset_records(cfg.data, pretraining=True))
 
     runtime.init_ray(address)
     loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), resume_from=resume_from,
@@ -522,6 +552,9 @@ def run_pretrain(
         final_tags[CHECKPOINT_TAG] = checkpoint
     if backbone_path:
         final_tags[BACKBONE_TAG] = backbone_path
+        if cfg.tracking.log_backbone:
+            info = encoder_info(cfg.model.arch, cfg.model.cifar_stem, job.mlflow_run_id, checkpoint)
+            record_encoder(job.tracking_uri, job.mlflow_run_id, backbone_path, info)
     unsent = close_tracking(job, "FINISHED" if status["status"] == "completed" else "FAILED", final_tags)
     out = PretrainResult(run_dir=job.run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}),
                          status=status["status"], mlflow_run_id=job.mlflow_run_id, tracking_uri=job.tracking_uri,

@@ -7,8 +7,8 @@ distributed Ray Train run and ASHA judges trials by epoch.
 The sweep's folder <storage_path>/<name> is Tune's experiment folder; beside Tune's files it holds
 `sweep.yaml` (the resolved sweep, what `--resume` reads), `train/<name>-<trial_id>` (each trial's Ray
 Train run: deterministic, so a restarted trial continues its own run), `trials.csv`, `best_config.yaml`
-and `plots/`. MLflow: one parent run (mocoray.job=sweep) and one child run per trial
-(mocoray.job=pretrain, the sweep's run id, `mlflow.parentRunId`).
+and `plots/`. MLflow: one parent run (mocoray.job=sweep; its `config.yaml` is the resolved sweep) and one child run per
+trial (mocoray.job=pretrain, the sweep's run id, `mlflow.parentRunId`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ... import storage
 from ...config import PretrainConfig, SweepConfig, build, dump_yaml
 from ...config.common import set_dotted
 from ...config.sweep import dump_sweep, max_epochs, resolve, trial_base
+from ...data.fingerprint import dataset_records
 from ...tracking import (
     JOB_TAG,
     MLFLOW_PARENT_TAG,
@@ -42,6 +43,7 @@ from ...tracking import (
     safely,
     start_run,
 )
+from ...tracking_artifacts import command_argv, environment_record, record_job_start, set_command_line
 from ..pretrain import run_pretrain
 from ..runtime import init_ray
 from .report import best_config, make_plots, pick_best, python_value, trial_rows, trial_run_name, trial_table
@@ -75,11 +77,16 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def run_trial(config: dict[str, Any], template: dict[str, Any], sweep_name: str, parent_run_id: str | None) -> None:
-    """One Tune trial: the template config + this trial's values -> a full pretraining run on Ray Train."""
+def run_trial(config: dict[str, Any], template: dict[str, Any], sweep_name: str, parent_run_id: str | None,
+              command: list[str] | None = None) -> None:
+    """One Tune trial: the template config + this trial's values -> a full pretraining run on Ray Train.
+
+    `command` is the sweep's command line, which the trial's run records as its own."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    if command:
+        set_command_line(command)
     trial_id = tune.get_context().get_trial_id()
     data = copy.deepcopy(template)
     for key, value in config.items():
@@ -206,11 +213,13 @@ def run_sweep(
         parent_id = safely("start of the sweep run", start_run, uri, base.tracking.experiment, sweep.name,
                            _parent_params(sweep, max_concurrent),
                            {JOB_TAG: "sweep", "mocoray.sweep_dir": sweep_dir}, run_key=sweep_dir)
-        if parent_id and not resume:
-            _log_artifact_text(uri, parent_id, SWEEP_FILE, dump_sweep(sweep))
+        if not resume:
+            record_job_start(uri, parent_id, dump_sweep(sweep), lambda: dataset_records(base.data, pretraining=True),
+                             environment_record())
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, template=template, sweep_name=sweep.name, parent_run_id=parent_id),
+        tune.with_parameters(run_trial, template=template, sweep_name=sweep.name, parent_run_id=parent_id,
+                             command=command_argv()),
         {"cpu": sweep.resources.trial_cpus},
     )
     print(f"[mocoray] sweep {sweep.name!r} in {sweep_dir}: {len(sweep.space)} field(s), "
@@ -241,13 +250,6 @@ def run_sweep(
         print(f"[mocoray] sweep interrupted; continue it with: mocoray sweep --resume {sweep_dir}")
         return SweepResult(sweep_dir, [], None, None, parent_id, uri, interrupted=True)
     return _finish(sweep, base, results, sweep_dir, train_storage, uri, parent_id)
-
-
-def _log_artifact_text(uri: str, run_id: str, name: str, text: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_text(text)
-        safely(f"log_artifact {name}", client(uri).log_artifact, run_id, str(path))
 
 
 def _close_children(rows: list[dict[str, Any]], uri: str, experiment: str) -> None:
