@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -51,39 +52,60 @@ def ray_session():
     ray.shutdown()
 
 
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store under `root`; stop() and start() it again at will
+    (same port, same store: what a tracking-server restart looks like to its clients)."""
+
+    def __init__(self, root: Path, job_execution: bool = True) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.env = dict(os.environ)
+        if not job_execution:  # MLflow's background job runner: ten more processes nothing here needs
+            self.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        exe = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+        log = open(self.root / "server.log", "a")
+        self.proc = subprocess.Popen(
+            [exe, "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=self.env, start_new_session=True,
+        )
+        log.close()
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop the server and the workers it started (its own process group)."""
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite store; yields its http:// URI."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    exe = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [exe, "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield uri
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+    yield server.uri
+    server.stop()
 
 
 def tiny_pretrain_overrides(tmp_path: Path, name: str = "tiny", **extra) -> list[str]:

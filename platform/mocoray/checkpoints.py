@@ -129,14 +129,22 @@ def read_meta(directory: str) -> dict[str, Any]:
     return storage.read_json(storage.join(directory, "meta.json"))
 
 
-def checkpoint_dir_name(epoch: int) -> str:
-    return f"epoch_{epoch:04d}"
+def checkpoint_dir_name(epoch: int, step_in_epoch: int = 0) -> str:
+    """epoch_0003 after 3 epochs; epoch_0003_step_000120 120 steps into the 4th (names sort in training order)."""
+    name = f"epoch_{epoch:04d}"
+    return f"{name}_step_{step_in_epoch:06d}" if step_in_epoch else name
+
+
+def checkpoint_position(path: str) -> tuple[int, int] | None:
+    """(epochs done, steps into the next) from a checkpoint directory's name, None for other names."""
+    found = re.search(r"epoch_(\d+)(?:_step_(\d+))?$", path.rstrip("/"))
+    return (int(found.group(1)), int(found.group(2) or 0)) if found else None
 
 
 def checkpoint_epoch(path: str) -> int | None:
-    """The epoch in a checkpoint directory's name (`.../epoch_0012` -> 12), None for other names."""
-    found = re.search(r"epoch_(\d+)$", path.rstrip("/"))
-    return int(found.group(1)) if found else None
+    """The epochs a checkpoint directory's name says are done (`.../epoch_0012[_step_000040]` -> 12)."""
+    position = checkpoint_position(path)
+    return position[0] if position else None
 
 
 def _complete_torch_file(url: str) -> bool:
@@ -154,9 +162,9 @@ def is_complete_checkpoint(directory: str) -> bool:
 
 
 def newest_complete_checkpoint(run_dir: str) -> str | None:
-    """The training checkpoint `run_dir/epoch_NNNN` with the highest epoch whose files are all complete."""
-    names = [n for n in storage.list_names(run_dir) if checkpoint_epoch(n) is not None]
-    for name in sorted(names, key=checkpoint_epoch, reverse=True):  # type: ignore[arg-type]
+    """The furthest training checkpoint `run_dir/epoch_NNNN[_step_SSSSSS]` whose files are all complete."""
+    names = [n for n in storage.list_names(run_dir) if checkpoint_position(n) is not None]
+    for name in sorted(names, key=checkpoint_position, reverse=True):  # type: ignore[arg-type]
         if is_complete_checkpoint(storage.join(run_dir, name)):
             return storage.join(run_dir, name)
     return None

@@ -44,6 +44,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
               f"margin {m['logreg_margin']:+.4f}): logistic regression on standardised backbone features")
     if res.mlflow_run_id:
         print(f"MLflow run:  {res.mlflow_run_id} at {res.tracking_uri}")
+    if res.unsent_metrics:
+        print(f"unsent:      {res.unsent_metrics}: what the MLflow server never took (it did not answer at the "
+              "end); the run stays RUNNING there")
     if args.then_linear_eval:
         return _chain_linear_eval(args, res)
     return 0

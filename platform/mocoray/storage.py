@@ -76,3 +76,18 @@ def read_json(url: str) -> Any:
 
 def write_json(url: str, obj: Any) -> None:
     write_bytes(url, json.dumps(obj, indent=2, default=str).encode())
+
+
+def arrow_filesystem(url: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path on it) for Ray Train's storage: URLs go through fsspec, local paths stay.
+
+    So object storage works the same for Ray's checkpoints as for everything else here: s3fs (or gcsfs, ...)
+    takes its endpoint and credentials from the environment, and the filesystem Ray pickles to its workers
+    holds none of them.
+    """
+    if "://" not in url:
+        return None, url
+    import pyarrow.fs
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path

@@ -2,7 +2,8 @@
 
 Only the driver creates and ends runs; rank 0 of a job logs metrics into the run the driver made
 (so a restarted worker group keeps writing to the same run). Logging never kills training: when the
-server is unreachable the loss of metrics is reported as a warning and training goes on.
+server is unreachable mid-run, training goes on and the metrics wait in an outbox (`tracking_outbox`).
+Unreachable when a job starts is an error (`require_server`): better than days of untracked training.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+from .tracking_outbox import MetricRow, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -155,31 +158,75 @@ def safely(what: str, fn, *args, **kwargs) -> Any:
         return None
 
 
-class MetricLogger:
-    """Rank 0's metric writer for an existing run; tracking-server failures are reported, not raised."""
+class TrackingUnavailableError(RuntimeError):
+    """The tracking server did not answer when the job started (the message names its URI)."""
 
-    def __init__(self, uri: str | None, run_id: str | None) -> None:
+
+def require_server(uri: str) -> None:
+    """Fail fast, before any compute, when the tracking server at `uri` does not answer."""
+    try:
+        client(uri).search_experiments(max_results=1)
+    except Exception as err:
+        first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {uri} is unreachable ({first}). Start it, point tracking.tracking_uri "
+            "(or $MLFLOW_TRACKING_URI) at one that runs, or set tracking.enabled=false to train without tracking."
+        ) from None
+
+
+class MetricLogger:
+    """Rank 0's metric writer for an existing run; tracking-server failures are reported, not raised.
+
+    With an `outbox_url`, values the server did not take are kept (in memory and in that file) and sent,
+    oldest first, with the next call once the server answers again: see `tracking_outbox`.
+    """
+
+    def __init__(self, uri: str | None, run_id: str | None, outbox_url: str | None = None) -> None:
         self.uri, self.run_id = uri, run_id
         self._client = client(uri) if uri and run_id else None
+        self.outbox = Outbox(outbox_url, run_id) if self._client is not None and outbox_url else None
 
-    def _guard(self, what: str, fn) -> None:
-        if self._client is not None:
-            safely(what, fn)
+    def _send(self, metrics: list[MetricRow], tags: dict[str, str]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        self._client.log_batch(self.run_id, metrics=[Metric(*row) for row in metrics],
+                               tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def _log(self, what: str, metrics: list[MetricRow], tags: dict[str, str]) -> None:
+        if self._client is None:
+            return
+        if self.outbox is None:
+            safely(what, self._send, metrics, tags)
+            return
+        self.outbox.add(metrics, tags)
+        safely(f"{what} ({len(self.outbox)} values waiting)", self.outbox.flush, self._send)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         import time
 
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
-        self._guard("log_metrics", lambda: self._client.log_batch(self.run_id, metrics=items))
+        self._log("log_metrics", [(k, float(v), now, step) for k, v in values.items() if v is not None], {})
 
     def tags(self, values: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
+        self._log("set_tags", [], {k: str(v) for k, v in values.items()})
 
-        items = [RunTag(k, str(v)) for k, v in values.items()]
-        self._guard("set_tags", lambda: self._client.log_batch(self.run_id, tags=items))
+    def logged_steps(self, key: str) -> set[int] | None:
+        """Steps of metric `key` the server has or the outbox holds; None when the server cannot say."""
+        if self._client is None:
+            return None
+        history = safely("get_metric_history", self._client.get_metric_history, self.run_id, key)
+        if history is None:
+            return None
+        pending = {row[3] for row in self.outbox.metrics if row[0] == key} if self.outbox is not None else set()
+        return {m.step for m in history} | pending
+
+    def flush(self) -> None:
+        """Try again to send what is waiting."""
+        self._log("send", [], {})
+
+    def unsent(self) -> str | None:
+        """The outbox file with what the server never took (written now), or None when all was sent."""
+        return self.outbox.save() if self.outbox is not None else None
 
 
 def run_lineage(uri: str, run_id: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..core.backbones import ARCHS
 from .common import DataConfig, RunConfig, Section, SGDConfig, TrackingConfig, load_recipe
@@ -90,27 +90,75 @@ class ProgressConfig(Section):
                                  "every N steps (step = global step; 0 = off)")
 
 
+class PretrainRunConfig(RunConfig):
+    """Workers, storage and failures, plus what pretraining adds for spot clusters: elastic worker counts,
+    preemption checkpoints and mid-epoch checkpoints (see cluster/README.md for what each costs)."""
+
+    num_workers: int | tuple[int, int] = Field(
+        1, description="workers, or [min, max]: elastic training that starts with what is free, shrinks when "
+        "nodes go and grows when they come back (the global batch stays optim.batch_size)")
+    preemption_check_steps: int = Field(
+        10, ge=0, description="steps between asking Ray whether a node of the run is being reclaimed (0: never); "
+        "a notice writes a checkpoint at once")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="also checkpoint every N steps mid-epoch: bounds the work lost to a node that "
+        "dies without notice or to an elastic resize")
+    resize_check_s: float = Field(60.0, ge=0.0, description="elastic: seconds between looks for more free workers")
+    max_preemptions: int = Field(-1, ge=-1, description="restarts after node preemptions (-1: unlimited); "
+                                 "counted apart from max_failures")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError(f"run.num_workers={list(value) if isinstance(value, tuple) else value}: must be a count "
+                             "of at least 1, or a range [min, max] with 1 <= min <= max")
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def world_sizes(self) -> range:
+        """Every number of workers the run may train with."""
+        low, high = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+        return range(low, high + 1)
+
+    @property
+    def max_workers(self) -> int:
+        return self.world_sizes[-1]
+
+
 class PretrainConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     moco: MocoConfig = Field(default_factory=MocoConfig)
     data: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     knn: KnnConfig = Field(default_factory=KnnConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
+    run: PretrainRunConfig = Field(default_factory=PretrainRunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     progress: ProgressConfig = Field(default_factory=ProgressConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> PretrainConfig:
-        workers, batch = self.run.num_workers, self.optim.batch_size
-        self.optim.check_batch_divides(workers, " (shuffle BN needs equal per-worker batches)")
-        per_worker = batch // workers
-        if self.moco.bn_mode == "split" or (self.moco.bn_mode == "shuffle" and workers == 1):
-            if per_worker % self.moco.num_splits:
-                raise ValueError(
-                    f"per-worker batch {per_worker} (optim.batch_size / run.num_workers) must be divisible by "
-                    f"moco.num_splits={self.moco.num_splits} for SplitBatchNorm"
-                )
+        why = " (shuffle BN needs equal per-worker batches)"
+        if self.run.elastic and self.run.max_failures == 0:
+            raise ValueError(f"run.num_workers={list(self.run.num_workers)} is elastic, but run.max_failures=0 would end "
+                             "the run at the first node lost without notice: set run.max_failures (-1: no limit)")
+        if self.run.elastic:
+            why = (f" (a world size of the elastic range run.num_workers={list(self.run.num_workers)}: the global "
+                   "batch stays fixed, so every size in the range must divide it)")
+        for workers in self.run.world_sizes:
+            self.optim.check_batch_divides(workers, why)
+            per_worker = self.optim.batch_size // workers
+            if self.moco.bn_mode == "split" or (self.moco.bn_mode == "shuffle" and workers == 1):
+                if per_worker % self.moco.num_splits:
+                    raise ValueError(
+                        f"per-worker batch {per_worker} (optim.batch_size / {workers} workers) must be divisible "
+                        f"by moco.num_splits={self.moco.num_splits} for SplitBatchNorm"
+                    )
         if self.moco.bn_mode == "sync" and not self.run.use_gpu:
             raise ValueError("moco.bn_mode='sync' needs run.use_gpu=true (SyncBatchNorm has no CPU kernel)")
         if self.optim.warmup_epochs >= self.optim.epochs and self.optim.warmup_epochs > 0:

@@ -30,13 +30,19 @@ class Faults:
     # interrupt leaves a checkpoint on disk that Ray's controller has not registered yet
     interrupt_driver_after_epoch: int | None = None
     driver_pid: int | None = None  # filled in on the driver by to_dict
+    step_delay_s: float = 0.0  # sleep after every training step: epochs long enough for a test to act within
+    # After each of these epochs (logged and checkpointed), every rank waits for the file <pause_dir>/go_<epoch>;
+    # rank 0 first writes <pause_dir>/paused_<epoch>. The test does its deed in between.
+    pause_after_epochs: tuple[int, ...] = ()
+    pause_dir: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if self.crash_marker:
-            d["crash_marker"] = str(Path(self.crash_marker).resolve())
         if self.interrupt_driver_after_epoch is not None:
             d["driver_pid"] = os.getpid()
+        for key in ("crash_marker", "pause_dir"):
+            if d[key]:
+                d[key] = str(Path(d[key]).resolve())
         return d
 
     def maybe_crash(self, epoch: int, rank: int) -> None:
@@ -49,6 +55,18 @@ class Faults:
             Path(self.crash_marker).write_text(f"crashed rank {rank} in epoch {epoch}\n")
         console(f"fault injection: killing worker rank {rank} during epoch {epoch}")
         os._exit(1)
+
+    def maybe_pause(self, epoch: int, rank: int) -> None:
+        if epoch not in self.pause_after_epochs or not self.pause_dir:
+            return
+        if rank == 0:
+            Path(self.pause_dir, f"paused_{epoch}").touch()
+        while not Path(self.pause_dir, f"go_{epoch}").exists():
+            time.sleep(0.2)
+
+    def slow_down(self) -> None:
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
 
     def poison(self, images: torch.Tensor, step: int, rank: int) -> torch.Tensor:
         """NaN images at the configured step on rank 0, so the loss turns non-finite there only."""

@@ -3,6 +3,9 @@
 Driver: validated config -> MLflow run -> TorchTrainer(ScalingConfig, RunConfig) -> fit -> export.
 Worker: data shard -> MoCo (DDP for the query encoder) -> epochs of `train_one_epoch` (the core MoCo
 step) -> `evaluate_knn` monitor -> report metrics (+ checkpoint) to Ray; rank 0 logs to MLflow.
+Mid-epoch checkpoints (a spot reclaim notice, `run.checkpoint_every_steps`) record the step within the
+epoch; the epoch's global sample order does not depend on the number of workers (`data.sampler`), so a
+run resumes exactly where it stopped, on any world size of its elastic range.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from .. import __version__, storage
 from ..checkpoints import (
     checkpoint_dir_name,
     checkpoint_epoch,
+    checkpoint_position,
     load_training_checkpoint,
     newest_complete_checkpoint,
     save_training_checkpoint,
@@ -33,7 +37,7 @@ from ..core.augment import BatchAugment, moco_spec, two_view_transform
 from ..core.backbones import build_backbone
 from ..core.bn_stats import average_bn_statistics
 from ..core.compiled import compile_encoders, make_sgd
-from ..core.distributed import all_reduce_sum, rank_world
+from ..core.distributed import all_reduce_sum, rank_world, same_on_all_ranks
 from ..core.features import extract_features
 from ..core.knn import knn_top1
 from ..core.moco import Encoder, MoCo, NonFiniteLossError, train_step, unwrap
@@ -43,6 +47,7 @@ from ..data import PretrainData, build_pretrain_data, image_batches
 from ..data.base import Resized, SkipCorrupt, TensorImages, Transformed, collate_batch, subset
 from ..data.device_decode import DeviceJpegAugment, collate_encoded, encoded_train_dataset
 from ..data.fingerprint import dataset_records
+from ..data.sampler import GlobalBatchSampler
 from ..encoders import export_backbone
 from ..gpu_metrics import gpu_monitor
 from ..logreg import fit_logreg
@@ -54,15 +59,19 @@ from ..tracking import (
     RUN_DIR_TAG,
     STATUS_TAG,
     MetricLogger,
+    TrackingUnavailableError,
     last_logged_step,
+    require_server,
     resolve_tracking_uri,
     safely,
     start_run,
 )
 from ..tracking_artifacts import encoder_info, log_environment, record_encoder, record_job_start
+from ..tracking_outbox import UNSENT_FILE
 from . import interrupts, runtime
 from .calibration import recompute_bn_on_images
 from .faults import Faults
+from .preemption import RECORD_FILE, StepCheckpoints, note_resume
 from .preflight import check_pretrain_inputs
 from .progress import StepProgress
 from .resume import ResumePoint, find_resume_point, record_config
@@ -80,9 +89,9 @@ def build_moco(cfg: PretrainConfig, bn_mode: str) -> MoCo:
     return model
 
 
-def train_loader(cfg: PretrainConfig, dataset, rank: int, world: int) -> tuple[DataLoader, DistributedSampler]:
+def train_loader(cfg: PretrainConfig, dataset, rank: int, world: int) -> tuple[DataLoader, GlobalBatchSampler]:
     """Batches of encoded files (GPU decode), uint8 images (device augmentation) or of two augmented views
-    (loader augmentation)."""
+    (loader augmentation): this rank's share of each global batch."""
     collate = collate_batch
     if cfg.data.decode == "gpu":
         dataset, collate = encoded_train_dataset(dataset), collate_encoded
@@ -91,7 +100,7 @@ def train_loader(cfg: PretrainConfig, dataset, rank: int, world: int) -> tuple[D
         dataset = Transformed(SkipCorrupt(dataset), two_view_transform(spec))
     elif not isinstance(dataset, TensorImages):
         dataset = Resized(SkipCorrupt(dataset), cfg.data.image_size)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed, drop_last=True)
+    sampler = GlobalBatchSampler(len(dataset), cfg.optim.batch_size, rank, world, cfg.run.seed)
     loader = DataLoader(
         dataset,
         batch_size=cfg.optim.batch_size // world,
@@ -101,6 +110,9 @@ def train_loader(cfg: PretrainConfig, dataset, rank: int, world: int) -> tuple[D
         collate_fn=collate,
         pin_memory=cfg.run.use_gpu,
         persistent_workers=cfg.data.loader_workers > 0,
+        # Its own generator: each epoch's iterator draws a seed, which must not come from the global RNG
+        # (a run resumed mid-epoch would draw it at another point, and its augmentations would change).
+        generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + rank),
     )
     return loader, sampler
 
@@ -127,6 +139,11 @@ class TrainState:
     global_step: int = 0
     knn_top1_init: float | None = None  # the same encoder at random init: every run's own baseline
     knn_top1_last: float | None = None
+    step_in_epoch: int = 0  # steps of epoch `epoch` already trained (a mid-epoch checkpoint)
+    epoch_loss_sum: float = 0.0  # over those steps: a resumed epoch still reports its whole mean
+    epoch_acc_sum: float = 0.0
+    preemptions: int = 0  # reclaim notices the run received
+    steps_lost: int = 0  # steps trained before a restart that no checkpoint kept
     logreg_top1_init: float | None = None  # knn.logreg: the same for logistic regression
     logreg_top1_last: float | None = None
 
@@ -142,15 +159,17 @@ class EpochStats:
     contrastive_acc: float
     lr: float
     momentum: float
-    steps: int
+    steps: int  # trained in this call (fewer than the epoch's when it resumed mid-epoch)
     train_time_s: float
     corrupt_images_skipped: int = 0
 
 
 def train_one_epoch(model, loader, optimizer, scaler, views: TwoViews, cfg: PretrainConfig,
                     epoch: int, state: TrainState, device: torch.device, channels_last: bool, rank: int,
-                    faults: Faults, progress: StepProgress | None = None) -> EpochStats:
-    """One epoch of MoCo steps; raises NonFiniteLossError on every rank at once if the loss blows up.
+                    faults: Faults, progress: StepProgress | None = None,
+                    step_checkpoints: StepCheckpoints | None = None) -> EpochStats:
+    """The epoch's MoCo steps from `state.step_in_epoch` on; raises NonFiniteLossError on every rank at once
+    if the loss blows up. `step_checkpoints` may save a mid-epoch checkpoint after any step.
 
     Ends with one set of BN running statistics on every rank (see `average_bn_statistics`): each rank's
     followed its own shard, and what comes next (kNN, checkpoint, export) must see the same encoder everywhere.
@@ -159,15 +178,15 @@ def train_one_epoch(model, loader, optimizer, scaler, views: TwoViews, cfg: Pret
     would also re-send the K x dim queue).
     """
     model.train()
-    steps = len(loader)
+    steps = loader.sampler.steps_per_epoch
+    start = state.step_in_epoch
     lr = cfg.optim.effective_lr
     amp_dtype = AMP_DTYPES[cfg.run.amp]
     t0 = time.perf_counter()
-    loss_sum = acc_sum = 0.0
     skipped = 0
     cur_lr, moco = lr, unwrap(model)
-    for i, (x, _labels, n_skipped) in enumerate(loader):
-        if i == 1:
+    for i, (x, _labels, n_skipped) in enumerate(loader, start=start):
+        if i == start + 1:
             faults.maybe_crash(epoch, rank)
         cur_lr = lr_at(epoch + i / steps, lr, cfg.optim.epochs, cfg.optim.schedule, cfg.optim.warmup_epochs,
                        cfg.optim.milestones, cfg.optim.gamma)
@@ -182,15 +201,22 @@ def train_one_epoch(model, loader, optimizer, scaler, views: TwoViews, cfg: Pret
             im_k = im_k.contiguous(memory_format=torch.channels_last)
         im_q = faults.poison(im_q, state.global_step, rank)
         res = train_step(model, im_q, im_k, optimizer, scaler, amp_dtype, cfg.optim.clip_grad_norm)
-        loss_sum += res.loss
-        acc_sum += res.accuracy
+        state.epoch_loss_sum += res.loss
+        state.epoch_acc_sum += res.accuracy
         state.global_step += 1
         if progress is not None:
             progress.step(i, res.loss, cur_lr, state.global_step)
+        state.step_in_epoch = i + 1
+        faults.slow_down()
+        if step_checkpoints:
+            step_checkpoints.after_step(state)
     (skipped,) = all_reduce_sum([skipped], device)  # every rank joins, skipped images or not
     average_bn_statistics(unwrap(model))
-    return EpochStats(loss=loss_sum / steps, contrastive_acc=acc_sum / steps, lr=cur_lr, momentum=moco.momentum,
-                      steps=steps, train_time_s=time.perf_counter() - t0, corrupt_images_skipped=int(skipped))
+    stats = EpochStats(loss=state.epoch_loss_sum / steps, contrastive_acc=state.epoch_acc_sum / steps, lr=cur_lr,
+                       momentum=moco.momentum, steps=steps - start, train_time_s=time.perf_counter() - t0,
+                       corrupt_images_skipped=int(skipped))
+    state.step_in_epoch, state.epoch_loss_sum, state.epoch_acc_sum = 0, 0.0, 0.0
+    return stats
 
 
 def knn_bank(data: PretrainData, cfg: PretrainConfig):
@@ -258,6 +284,8 @@ def epoch_metrics(state: TrainState, stats: EpochStats, cfg: PretrainConfig, epo
         "pairs_per_s": stats.steps * cfg.optim.batch_size / stats.train_time_s,
         "epoch_time_s": epoch_time_s,  # training and kNN
         "corrupt_images_skipped": stats.corrupt_images_skipped,
+        "preemptions": state.preemptions,
+        "steps_lost": state.steps_lost,
     }
 
 
@@ -294,9 +322,13 @@ def report_nonfinite_loss(err: NonFiniteLossError, epoch: int, state: TrainState
 
 
 def save_checkpoint(model, optimizer, scaler, state: TrainState, cfg: PretrainConfig, metrics: dict, rank: int,
-                    world: int, bn_mode: str, epoch_no: int) -> None:
-    """Report `metrics` to Ray with a checkpoint: every rank writes its RNG state, rank 0 the rest."""
+                    world: int, bn_mode: str) -> str:
+    """Report `metrics` to Ray with a checkpoint: every rank writes its RNG state, rank 0 the rest.
+
+    Returns the checkpoint's name (`checkpoint_dir_name`)."""
     import ray.train
+
+    name = checkpoint_dir_name(state.epoch, state.step_in_epoch)
 
     with tempfile.TemporaryDirectory() as tmp:
         save_training_checkpoint(
@@ -309,21 +341,24 @@ def save_checkpoint(model, optimizer, scaler, state: TrainState, cfg: PretrainCo
             meta={"config": cfg.model_dump(mode="json"), "metrics": metrics, "bn_mode_effective": bn_mode,
                   "world_size": world, "mocoray": __version__, "torch": torch.__version__},
         )
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=checkpoint_dir_name(epoch_no))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    return name
 
 
-def starting_checkpoint(loop_config: dict[str, Any]):
-    """Where this attempt starts: Ray's latest checkpoint or the newest complete one the driver found on disk,
-    whichever is further on (an interrupt can land after a checkpoint is written and before Ray's controller
-    registers it); with neither, `--resume-from`; else None (a new run)."""
+def starting_checkpoint(loop_config: dict[str, Any]) -> tuple[Any, bool]:
+    """Where this attempt starts, and whether that checkpoint is this run's own: Ray's latest checkpoint or the
+    newest complete one the driver found on disk, whichever is further on (an interrupt can land after a
+    checkpoint is written and before Ray's controller registers it); with neither, `--resume-from` (another
+    run's); else None (a new run)."""
     import ray.train
 
     candidates = [c for c in (ray.train.get_checkpoint(), loop_config.get("newest_checkpoint")) if c]
     candidates = [ray.train.Checkpoint(c) if isinstance(c, str) else c for c in candidates]
     if candidates:
-        return max(candidates, key=lambda c: checkpoint_epoch(c.path) or 0)
-    return ray.train.Checkpoint(loop_config["resume_from"]) if loop_config.get("resume_from") else None
+        return max(candidates, key=lambda c: checkpoint_position(c.path) or (0, 0)), True
+    if loop_config.get("resume_from"):
+        return ray.train.Checkpoint(loop_config["resume_from"]), False
+    return None, False
 
 
 def restore(checkpoint, model, optimizer, scaler, rank: int) -> TrainState:
@@ -336,6 +371,51 @@ def restore(checkpoint, model, optimizer, scaler, rank: int) -> TrainState:
     if saved["rng"] is not None:
         set_rng_state(saved["rng"])
     return TrainState(**saved["train_state"])
+
+
+def check_same_queue(model: torch.nn.Module) -> None:
+    """Every rank must hold the same queue and pointer (after a restart on any world size, too)."""
+    queue = unwrap(model).queue
+    pointer = torch.tensor([float(int(queue.ptr))], dtype=torch.float64, device=queue.keys.device)
+    if not same_on_all_ranks(torch.cat([queue.keys.flatten().double(), pointer])):
+        raise RuntimeError("the MoCo queue differs between ranks after loading the checkpoint")
+
+
+def mid_epoch_metrics(state: TrainState, last_epoch: dict) -> dict:
+    """What a mid-epoch checkpoint reports: the last epoch's metrics (so Tune sees its metric) and the position."""
+    return {**last_epoch, "epoch": state.epoch, "global_step": state.global_step,
+            "step_in_epoch": state.step_in_epoch, "preemptions": state.preemptions}
+
+
+def log_epoch(logger: MetricLogger, metrics: dict) -> None:
+    logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"])
+
+
+def relog_lost_epoch(logger: MetricLogger, checkpoint) -> None:
+    """An epoch's metrics are logged after its checkpoint: if the group stopped between the two, the epoch
+    is missing in MLflow. The checkpoint's meta.json has its metrics: log them now (unless they arrived)."""
+    logged = logger.logged_steps("loss")
+    if logged is None:
+        return
+    with checkpoint.filesystem.open_input_stream(checkpoint.path.rstrip("/") + "/meta.json") as f:
+        metrics = json.loads(f.read())["metrics"]
+    if metrics["epoch"] not in logged:
+        log_epoch(logger, metrics)
+
+
+def start_attempt(logger: MetricLogger, state: TrainState, checkpoint, same_run: bool, world: int,
+                  record_url: str) -> None:
+    """Rank 0, each time the worker group (re)starts: where it resumed, the steps a restart lost, the world size.
+
+    `same_run`: the checkpoint is this run's own (a restart or --resume), not a --resume-from of another's."""
+    if checkpoint is not None:
+        name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+        state.steps_lost += note_resume(record_url, state.global_step, name, world)
+        runtime.console(f"resumed from checkpoint {name}: epoch {state.epoch + 1}, step {state.step_in_epoch} of it "
+                        f"(global step {state.global_step}) on {world} worker(s)")
+        if same_run and state.epoch and not state.step_in_epoch:
+            relog_lost_epoch(logger, checkpoint)
+    logger.metrics({"world_size": world}, step=state.global_step)  # over time: one point per (re)start
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -370,22 +450,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16" and device.type == "cuda")
     torch.manual_seed(cfg.run.seed * 1000 + 1 + rank)  # augmentation randomness differs per rank
 
-    checkpoint = starting_checkpoint(loop_config)
+    checkpoint, same_run = starting_checkpoint(loop_config)
     state = TrainState()
     if checkpoint is not None:
         state = restore(checkpoint, model, optimizer, scaler, rank)
-        if rank == 0:
-            runtime.console(f"resumed from checkpoint after epoch {state.epoch} (step {state.global_step})")
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=runtime.ddp_kwargs())
+        check_same_queue(model)
     loader, sampler = train_loader(cfg, data.train, rank, world)
     if len(loader) == 0:
         raise ValueError(f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(data.train)} training images")
     views = two_views(cfg)
-    logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
-    progress = StepProgress(cfg.progress, cfg.optim.batch_size, cfg.optim.epochs, rank, logger)
+    logger = None
     if rank == 0:  # every start of the worker group: the world size may differ after a restart
+        logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"),
+                              loop_config["unsent_url"])
+        start_attempt(logger, state, checkpoint, same_run, world, loop_config["preemption_record"])
         log_environment(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"), world, device)
+    progress = StepProgress(cfg.progress, cfg.optim.batch_size, cfg.optim.epochs, rank, logger)
     backbone = unwrap(model).encoder_q.backbone
 
     if state.knn_top1_init is None:
@@ -398,14 +480,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             runtime.console(f"{cfg.model.arch}, bn_mode {bn_mode} ({cfg.moco.bn_mode} requested), {world} worker(s), "
                     f"{len(data.train)} images, {len(loader)} steps/epoch; kNN top-1 at init {state.knn_top1_init:.4f}")
 
+    metrics = {"knn_top1": state.knn_top1_last, "knn_top1_init": state.knn_top1_init}  # until an epoch ends
+    step_checkpoints = StepCheckpoints(
+        cfg.run.preemption_check_steps, cfg.run.checkpoint_every_steps, rank, loop_config["preemption_record"],
+        lambda: save_checkpoint(model, optimizer, scaler, state, cfg, mid_epoch_metrics(state, metrics), rank, world,
+                                bn_mode))
     with gpu_monitor(device) as monitor:  # GPU utilisation and memory next to pairs/s (nothing on CPUs)
         for epoch in range(state.epoch, cfg.optim.epochs):
-            sampler.set_epoch(epoch)
+            sampler.set_epoch(epoch, state.step_in_epoch)
             t0 = time.perf_counter()
             progress.start_epoch(epoch, len(loader), log_metrics=epoch + 1 > epochs_logged(logger))
             try:
                 stats = train_one_epoch(model, loader, optimizer, scaler, views, cfg, epoch, state, device,
-                                        channels_last, rank, faults, progress)
+                                        channels_last, rank, faults, progress, step_checkpoints)
             except NonFiniteLossError as err:
                 report_nonfinite_loss(err, epoch, state, rank, loop_config["status_url"], logger)
                 return
@@ -414,15 +501,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if state.epoch % cfg.knn.every == 0 or last:
                 state.monitor(*evaluate_knn(backbone, data, cfg, device, channels_last))
             metrics = epoch_metrics(state, stats, cfg, time.perf_counter() - t0) | monitor.epoch_averages()
-            if logger:
-                if state.epoch > epochs_logged(logger):
-                    logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
-                runtime.console(epoch_line(metrics, cfg))
             if state.epoch % cfg.run.checkpoint_every == 0 or last:
-                save_checkpoint(model, optimizer, scaler, state, cfg, metrics, rank, world, bn_mode, state.epoch)
+                save_checkpoint(model, optimizer, scaler, state, cfg, metrics, rank, world, bn_mode)
                 faults.maybe_interrupt_driver(state.epoch, rank)
             else:
                 ray.train.report(metrics)
+            if logger:  # after the checkpoint: a group stopped in between re-logs it when it resumes
+                if state.epoch > epochs_logged(logger):
+                    log_epoch(logger, metrics)
+                runtime.console(epoch_line(metrics, cfg))
+            faults.maybe_pause(state.epoch, rank)
     if rank == 0:
         runtime.write_status(loop_config["status_url"], {"status": "completed", "epoch": cfg.optim.epochs,
                                                   "step": state.global_step})
@@ -441,6 +529,7 @@ class PretrainResult:
     mlflow_run_id: str | None
     tracking_uri: str | None
     backbone_path: str | None
+    unsent_metrics: str | None = None  # file of what the tracking server never took (None: everything arrived)
 
 
 class PretrainFailed(RuntimeError):
@@ -474,6 +563,20 @@ def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     return cfg
 
 
+def close_tracking(job: runtime.JobRun, status: str, tags: dict[str, str]) -> str | None:
+    """Send what the workers could not (the server may be back), the final tags, then close the MLflow run.
+
+    Returns the file of what the server still did not take (the MLflow run then stays RUNNING), or None."""
+    if not job.mlflow_run_id:
+        return None
+    logger = MetricLogger(job.tracking_uri, job.mlflow_run_id, storage.join(job.run_dir, UNSENT_FILE))
+    logger.tags(tags)
+    unsent = logger.unsent()
+    if unsent is None:
+        job.end_tracking(status, {})
+    return unsent
+
+
 def run_pretrain(
     cfg: PretrainConfig,
     address: str | None = None,
@@ -495,6 +598,12 @@ def run_pretrain(
     """
     cfg = with_absolute_paths(cfg)
     run_dir = runtime.run_dir_of(cfg.run)
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
+    if uri:
+        try:
+            require_server(uri)
+        except TrackingUnavailableError as err:
+            raise PretrainFailed(str(err)) from None
     if resume == "auto":
         resume = storage.exists(run_dir)
     for warning in check_pretrain_inputs(cfg, resume_from):
@@ -537,8 +646,12 @@ def _fit(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None, re
         _open_tracking(job, cfg, point, extra_tags)
     loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), resume_from=resume_from,
                                   newest_checkpoint=point.checkpoint if point else None,
-                                  faults=(faults or Faults()).to_dict())
-    trainer = runtime.make_torch_trainer(train_loop_per_worker, loop_config, cfg.run, job.storage_path, callbacks)
+                                  faults=(faults or Faults()).to_dict(),
+                                  preemption_record=storage.join(job.run_dir, RECORD_FILE),
+                                  unsent_url=storage.join(job.run_dir, UNSENT_FILE))
+    trainer = runtime.make_torch_trainer(train_loop_per_worker, loop_config, cfg.run, job.storage_path, callbacks,
+                                         resize_check_s=cfg.run.resize_check_s if cfg.run.elastic else None,
+                                         max_preemptions=cfg.run.max_preemptions)
     try:
         result = interrupts.fit(trainer)
     except Exception as err:
@@ -561,10 +674,10 @@ def _fit(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None, re
         if cfg.tracking.log_backbone:
             info = encoder_info(cfg.model.arch, cfg.model.cifar_stem, job.mlflow_run_id, checkpoint)
             record_encoder(job.tracking_uri, job.mlflow_run_id, backbone_path, info)
-    job.end_tracking("FINISHED" if status["status"] == "completed" else "FAILED", final_tags)
+    unsent = close_tracking(job, "FINISHED" if status["status"] == "completed" else "FAILED", final_tags)
     out = PretrainResult(run_dir=job.run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}),
                          status=status["status"], mlflow_run_id=job.mlflow_run_id, tracking_uri=job.tracking_uri,
-                         backbone_path=backbone_path)
+                         backbone_path=backbone_path, unsent_metrics=unsent)
     if status["status"] == "nonfinite_loss":
         freed = NAME_FREED if job.free_name_unless_checkpointed(point is not None) else ""
         raise PretrainFailed(

@@ -204,23 +204,32 @@ class JobRun:
         self.end_tracking("KILLED", {STATUS_TAG: "interrupted", **(tags or {})})
 
 
-def make_torch_trainer(train_fn, loop_config: dict, run: RunConfig, storage_path: str, callbacks: list | None = None):
-    """A TorchTrainer for `run`: workers, resources, storage, failures, checkpoints."""
+def make_torch_trainer(train_fn, loop_config: dict, run: RunConfig, storage_path: str, callbacks: list | None = None,
+                       resize_check_s: float | None = None, max_preemptions: int = -1):
+    """A TorchTrainer for `run`: workers, resources, storage, failures, checkpoints.
+
+    A (min, max) `run.num_workers` makes it elastic, looking for more free workers every `resize_check_s`;
+    restarts after node preemptions are counted apart from other failures (`max_preemptions`, -1: any).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": run.cpus_per_worker}
     if run.use_gpu:
         resources["GPU"] = run.gpus_per_worker
+    elastic = {} if resize_check_s is None else {"elastic_resize_monitor_interval_s": resize_check_s}
+    filesystem, path = storage.arrow_filesystem(storage_path)
     return TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources, **elastic),
         run_config=ray.train.RunConfig(
             name=run.name,
-            storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            storage_path=path,
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures,
+                                                   max_preemption_failures=max_preemptions),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
             callbacks=callbacks,
         ),

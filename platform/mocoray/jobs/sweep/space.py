@@ -61,7 +61,7 @@ def concurrency(sweep: SweepConfig, base: PretrainConfig) -> int:
     import ray
 
     run = base.run
-    workers = _largest(sweep, "run.num_workers", run.num_workers)
+    workers = _largest(sweep, "run.num_workers", run.max_workers)
     per_cpu = sweep.resources.trial_cpus + workers * _largest(sweep, "run.cpus_per_worker", run.cpus_per_worker)
     uses_gpu = run.use_gpu or any(bool(v) for v in _space_values(sweep, "run.use_gpu"))
     per_gpu = workers * _largest(sweep, "run.gpus_per_worker", run.gpus_per_worker) if uses_gpu else 0.0

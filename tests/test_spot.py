@@ -1,0 +1,255 @@
+"""Spot-ready clusters, on a real multi-node Ray on 127.0.0.1: preemption, elastic workers, S3, tracking outages.
+
+One cluster for the module (a head and worker nodes, one CPU each, `local_cluster.LocalCluster`) and an S3
+server (moto) whose endpoint and dummy credentials are in the nodes' environment, as an instance role's
+would be. Each run is driven from its own process (`cluster_driver.py`), so the test session's local Ray
+is never disturbed. Timing is made deterministic with `Faults`: the ranks pause after chosen epochs until
+the test has done its deed (stopped a server, drained a node, ...).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from PIL import Image
+
+from conftest import MlflowServer, free_port, tiny_pretrain_overrides
+from local_cluster import Driver, LocalCluster
+from mocoray.jobs.preemption import RECORD_FILE, read_record
+from mocoray.tracking_outbox import UNSENT_FILE
+
+ACCESS_KEY, SECRET_KEY = "AKIAMOCORAYSPOTTEST1", "mocoray-spot-test-secret-do-not-write"
+BUCKET = "mocoray-spot"
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+           "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_env):
+    c = LocalCluster(tmp_path_factory.mktemp("cluster"), env=s3_env).start()
+    try:
+        c.add_node()
+        yield c
+    finally:
+        c.shutdown()
+
+
+def _overrides(tmp_path: Path, name: str, **extra) -> list[str]:
+    """Two workers (one per node) of a tiny MoCo; 512 images / global batch 16 = 32 steps per epoch."""
+    return tiny_pretrain_overrides(tmp_path, name, **{
+        "run.num_workers": 2, "run.cpus_per_worker": 1, "data.synthetic_images": 512, "optim.batch_size": 16,
+        "optim.epochs": 3, "run.keep_checkpoints": 20, "knn.max_bank": 256, **extra})
+
+
+class Pauses:
+    """The test's side of `Faults(pause_after_epochs=..., pause_dir=...)`."""
+
+    def __init__(self, root: Path, epochs: list[int]) -> None:
+        self.dir, self.epochs = root, epochs
+        root.mkdir(parents=True, exist_ok=True)
+
+    def faults(self, **extra) -> dict:
+        return {"pause_after_epochs": self.epochs, "pause_dir": str(self.dir), **extra}
+
+    def wait(self, epoch: int, driver: Driver, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while not (self.dir / f"paused_{epoch}").exists():
+            assert driver.proc.poll() is None, f"the run ended early: {driver.log.read_text()[-4000:]}"
+            assert time.time() < deadline, f"no pause after epoch {epoch}: {driver.log.read_text()[-4000:]}"
+            time.sleep(0.3)
+
+    def go(self, epoch: int) -> None:
+        (self.dir / f"go_{epoch}").touch()
+
+
+def _client(tmp_path: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def _steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _values_in_time_order(client, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))]
+
+
+def _final(checkpoint: str) -> dict:
+    d = Path(checkpoint)
+    return {"model": torch.load(d / "model.pt", weights_only=True),
+            "train": torch.load(d / "train_state.pt", weights_only=True)}
+
+
+def test_a_node_drained_for_preemption_mid_epoch_costs_no_epoch_and_the_run_resumes_exactly(cluster, tmp_path):
+    cluster.ensure_workers(2)  # head + 2 nodes for 2 workers: one node is the spare a reclaim moves to
+    reference = Driver(cluster, tmp_path / "reference.log", _overrides(tmp_path, "uninterrupted")).result()
+
+    pauses = Pauses(tmp_path / "pauses", [1])
+    run = Driver(cluster, tmp_path / "preempted.log",
+                 _overrides(tmp_path, "preempted", **{"run.preemption_check_steps": 1, "run.max_failures": 0}),
+                 faults=pauses.faults(step_delay_s=0.25))
+    pauses.wait(1, run)
+    (node, *_) = cluster.training_nodes()
+    t_drain = time.time()
+    cluster.drain_for_preemption(node, deadline_s=12)
+    time.sleep(1.0)  # Ray Train's watcher polls drains every 0.5 s here
+    pauses.go(1)
+    res = run.result()
+    t_done = time.time()
+
+    assert res["status"] == "completed" and res["metrics"]["epoch"] == 3
+    assert cluster.state(node) != "ALIVE"  # the drained node went away (Ray ends it once its work is gone)
+    # it resumed from the last checkpoint written after the notice, mid-epoch, and lost less than an epoch
+    (event,) = read_record(str(Path(res["run_dir"]) / RECORD_FILE))
+    assert event["notice_step"] > 32 and all("_step_" in name for name in event["checkpoints"])
+    assert event["resumed_from"] == event["checkpoints"][-1] and "_step_" in event["resumed_from"]
+    assert 0 <= event["steps_lost"] < 32
+    print(f"\npreemption: notice at step {event['notice_step']}, checkpoints {event['checkpoints']}, "
+          f"{event['steps_lost']} steps lost, resumed {event['resumed_time'] - event['notice_time']:.1f} s after "
+          f"the notice on {event['resumed_world_size']} workers; run done {t_done - t_drain:.0f} s after the drain")
+    # every epoch once in MLflow, the preemption counted, the world size over time
+    client = _client(tmp_path)
+    run_id = res["mlflow_run_id"]
+    assert _steps(client, run_id, "loss") == [1, 2, 3]
+    assert client.get_metric_history(run_id, "preemptions")[-1].value == 1
+    assert _values_in_time_order(client, run_id, "world_size") == [2, 2]
+    # exact resume: the same steps, queue, weights and epoch losses as the uninterrupted run
+    a, b = _final(reference["checkpoint"]), _final(res["checkpoint"])
+    assert a["train"]["global_step"] == b["train"]["global_step"] == 3 * 32
+    assert int(a["model"]["queue.ptr"]) == int(b["model"]["queue.ptr"]) == (3 * 32 * 16) % 64
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key].float(), b["model"][key].float(), atol=1e-6), key
+    ref_run = reference["mlflow_run_id"]
+    for epoch_a, epoch_b in zip(client.get_metric_history(ref_run, "loss"), client.get_metric_history(run_id, "loss"),
+                                strict=True):
+        assert epoch_a.value == pytest.approx(epoch_b.value, abs=1e-6)
+
+
+def test_elastic_workers_shrink_when_a_node_dies_and_grow_when_one_comes_back(cluster, tmp_path):
+    cluster.ensure_workers(1)
+    pauses = Pauses(tmp_path / "pauses", [1, 2])
+    run = Driver(cluster, tmp_path / "elastic.log", _overrides(tmp_path, "elastic", **{
+        "run.num_workers": "[1, 2]", "run.resize_check_s": 2, "run.max_failures": -1,
+        "data.synthetic_images": 256, "run.checkpoint_every_steps": 8}), faults=pauses.faults())
+    pauses.wait(1, run)
+    for node in cluster.live_workers():  # no notice: they are just gone; the head's one CPU is left
+        cluster.kill(node)
+    for node in cluster.workers:
+        cluster.wait_dead(node)
+    pauses.go(1)
+    pauses.wait(2, run)  # epoch 2 ran on the one node left
+    cluster.add_node()
+    _wait_for_world_size(tmp_path, "elastic", 2, after=1)  # Ray Train grows the group (the paused one ends)
+    pauses.go(2)
+    res = run.result()
+
+    assert res["status"] == "completed" and res["metrics"]["epoch"] == 3
+    client = _client(tmp_path)
+    run_id = res["mlflow_run_id"]
+    sizes = _values_in_time_order(client, run_id, "world_size")
+    assert [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]] == [2, 1, 2], sizes
+    assert _steps(client, run_id, "loss") == [1, 2, 3]
+    # the global batch stayed 16 whatever the world size: the same number of steps, the same queue position
+    final = _final(res["checkpoint"])
+    assert final["train"]["global_step"] == 3 * 16
+    assert int(final["model"]["queue.ptr"]) == (3 * 16 * 16) % 64
+
+
+def _wait_for_world_size(tmp_path: Path, run_name: str, size: int, after: int, timeout: float = 180) -> None:
+    """Until the run's world_size metric has gone from `after` to `size`."""
+    client, deadline = _client(tmp_path), time.time() + timeout
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                filter_string=f"attributes.run_name = '{run_name}'")
+    while True:
+        sizes = _values_in_time_order(client, run.info.run_id, "world_size")
+        if after in sizes and size in sizes[sizes.index(after):]:
+            return
+        assert time.time() < deadline, f"world size never went from {after} to {size}: {sizes}"
+        time.sleep(1)
+
+
+def _png(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (i * 37 % 256, i * 91 % 256, i * 13 % 256)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_checkpoints_resume_and_a_parquet_dataset_on_s3_with_credentials_only_in_the_environment(
+        cluster, s3_env, tmp_path, monkeypatch):
+    import fsspec
+
+    from mocoray.data.parquet import write_parquet_shards
+
+    cluster.ensure_workers(1)
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    fs = fsspec.filesystem("s3")
+    fs.mkdir(BUCKET)
+    folder = tmp_path / "images"
+    for split, n in (("train", 32), ("val", 8)):
+        for cls in ("a", "b"):
+            (folder / split / cls).mkdir(parents=True)
+            for i in range(n):
+                (folder / split / cls / f"{i}.png").write_bytes(_png(i + 50 * (cls == "b")))
+        write_parquet_shards(str(folder), f"s3://{BUCKET}/data", images_per_shard=20, split=split)
+    overrides = _overrides(tmp_path, "on-s3", **{
+        "data.name": "parquet", "data.root": f"s3://{BUCKET}/data", "run.storage_path": f"s3://{BUCKET}/runs",
+        "optim.epochs": 1})
+    first = Driver(cluster, tmp_path / "s3-first.log", overrides).result()
+    assert first["checkpoint"] == f"s3://{BUCKET}/runs/on-s3/epoch_0001"
+    resumed = Driver(cluster, tmp_path / "s3-resumed.log", [*overrides, "optim.epochs=2"], resume=True).result()
+
+    assert resumed["status"] == "completed" and resumed["checkpoint"] == f"s3://{BUCKET}/runs/on-s3/epoch_0002"
+    assert resumed["mlflow_run_id"] == first["mlflow_run_id"]
+    train_state = torch.load(fs.open(f"{BUCKET}/runs/on-s3/epoch_0002/train_state.pt"), weights_only=True)
+    assert train_state["epoch"] == 2 and train_state["global_step"] == 2 * 4  # 64 images / 16
+    assert fs.exists(f"{BUCKET}/runs/on-s3/backbone.pt")
+    assert _steps(_client(tmp_path), resumed["mlflow_run_id"], "loss") == [1, 2]
+    # no credential in anything the runs wrote: the bucket, the MLflow store, the driver's output
+    written = [fs.cat(path) for path in fs.find(f"{BUCKET}/runs")]
+    written += [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and folder not in p.parents]
+    assert len(written) > 10
+    for secret in (ACCESS_KEY, SECRET_KEY):
+        assert not any(secret.encode() in blob for blob in written), secret
+
+
+def test_a_tracking_server_stopped_mid_run_gets_every_metric_once_it_is_back(cluster, tmp_path):
+    cluster.ensure_workers(1)
+    server = MlflowServer(tmp_path, job_execution=False).start()
+    try:
+        pauses = Pauses(tmp_path / "pauses", [1, 2])
+        run = Driver(cluster, tmp_path / "outage.log", _overrides(tmp_path, "outage", **{
+            "tracking.tracking_uri": server.uri, "data.synthetic_images": 128}), faults=pauses.faults())
+        pauses.wait(1, run)
+        server.stop()  # epoch 2 is logged while nobody answers
+        pauses.go(1)
+        pauses.wait(2, run)
+        unsent = Path(tmp_path / "runs" / "outage" / UNSENT_FILE)
+        assert unsent.exists()  # kept next to the checkpoints, so a restarted worker would find it
+        server.start()
+        pauses.go(2)
+        res = run.result()
+
+        assert res["status"] == "completed" and res["unsent_metrics"] is None and not unsent.exists()
+        client = mlflow.MlflowClient(server.uri)
+        run_id = res["mlflow_run_id"]
+        for key in ("loss", "contrastive_acc", "lr", "preemptions"):
+            assert _steps(client, run_id, key) == [1, 2, 3], key
+        assert client.get_run(run_id).info.status == "FINISHED"  # an outage alone never fails a run
+    finally:
+        server.stop()
