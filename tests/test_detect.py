@@ -96,7 +96,7 @@ def test_recipes_hold_the_papers_schedule_and_norm_auto_resolves_per_hardware(ca
     (["data.name=coco", "data.root=x"], "needs data.val_root, data.annotations, data.val_annotations"),
     (["data.annotations=a.json"], "data.annotations not used by data.name='scattered-digits-det'"),
     (["run.channels_last=true"], "run.channels_last: not supported by the detection job"),
-    (["optim.steps=[1]"], r"optim.steps: unknown field \(the lr steps are optim.milestones"),
+    (["optim.steps=[1]"], r"optim.steps: unknown field \(the lr steps are optim.milestones \(iterations\)"),
     (["model.arch=resnet50"], r"model.arch: unknown field \(the architecture is the encoder's"),
     (["model.layout=c5"], r"model.layout='c5': Input should be 'c4' or 'fpn'"),
 ])

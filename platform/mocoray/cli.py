@@ -91,26 +91,36 @@ def _chain_detect(args: argparse.Namespace, res) -> int:
     return _detect(cfg, args.address)
 
 
-def _linear_eval(cfg, address: str | None, resume: bool = False) -> int:
-    from .jobs.linear import LinearEvalFailed, run_linear_eval
-
+def _downstream(command: str, run, failed: type[Exception], cfg, address: str | None, resume: bool,
+                result_line) -> int:
+    """Run a job on an encoder (`run(cfg, address=, resume=)`, raising `failed` when it does not complete) and
+    print where its results are; `result_line(result)` says what it measured."""
     try:
-        res = run_linear_eval(cfg, address=address, resume=resume)
-    except LinearEvalFailed as err:
-        print(f"mocoray linear-eval: {err}", file=sys.stderr)
+        res = run(cfg, address=address, resume=resume)
+    except failed as err:
+        print(f"mocoray {command}: {err}", file=sys.stderr)
         return 1
     except (LookupError, ValueError) as err:  # unknown run, unusable checkpoint, wrong architecture
-        print(f"mocoray linear-eval: {err}", file=sys.stderr)
+        print(f"mocoray {command}: {err}", file=sys.stderr)
         return 2
-    m = res.metrics
     print(f"\nencoder:     {res.encoder.label} ({res.encoder.arch})\nrun dir:     {res.run_dir}\n"
           f"checkpoint:  {res.checkpoint}")
-    print(f"linear top-1 {m['linear_top1']:.4f}  top-5 {m['linear_top5']:.4f} after {m['epoch']} epochs "
-          f"({cfg.linear.mode} protocol; backbone unchanged)")
+    print(result_line(res))
     if res.mlflow_run_id:
         link = f", pretraining run {res.encoder.pretrain_run_id}" if res.encoder.pretrain_run_id else ""
         print(f"MLflow run:  {res.mlflow_run_id} at {res.tracking_uri}{link}")
     return 0
+
+
+def _linear_eval(cfg, address: str | None, resume: bool = False) -> int:
+    from .jobs.linear import LinearEvalFailed, run_linear_eval
+
+    def result_line(res) -> str:
+        m = res.metrics
+        return (f"linear top-1 {m['linear_top1']:.4f}  top-5 {m['linear_top5']:.4f} after {m['epoch']} epochs "
+                f"({cfg.linear.mode} protocol; backbone unchanged)")
+
+    return _downstream("linear-eval", run_linear_eval, LinearEvalFailed, cfg, address, resume, result_line)
 
 
 def _encoder_flags(args: argparse.Namespace) -> dict:
@@ -132,24 +142,13 @@ def _cmd_linear_eval(args: argparse.Namespace) -> int:
 def _detect(cfg, address: str | None, resume: bool = False) -> int:
     from .jobs.detect import DetectionFailed, run_detection
 
-    try:
-        res = run_detection(cfg, address=address, resume=resume)
-    except DetectionFailed as err:
-        print(f"mocoray detect: {err}", file=sys.stderr)
-        return 1
-    except (LookupError, ValueError) as err:  # unknown run, unusable checkpoint, detector options that do not fit
-        print(f"mocoray detect: {err}", file=sys.stderr)
-        return 2
-    m = res.metrics
-    print(f"\nencoder:     {res.encoder.label} ({res.encoder.arch})\nrun dir:     {res.run_dir}\n"
-          f"checkpoint:  {res.checkpoint}")
-    voc = f"  (VOC07 AP50 {m['VOC07_AP50']:.4f})" if "VOC07_AP50" in m else ""
-    print(f"AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}{voc} after {m['global_step']} "
-          f"iterations ({cfg.model.layout}, norm {cfg.model.effective_norm(cfg.run)})")
-    if res.mlflow_run_id:
-        link = f", pretraining run {res.encoder.pretrain_run_id}" if res.encoder.pretrain_run_id else ""
-        print(f"MLflow run:  {res.mlflow_run_id} at {res.tracking_uri}{link}")
-    return 0
+    def result_line(res) -> str:
+        m = res.metrics
+        voc = f"  (VOC07 AP50 {m['VOC07_AP50']:.4f})" if "VOC07_AP50" in m else ""
+        return (f"AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}{voc} after {m['global_step']} "
+                f"iterations ({cfg.model.layout}, norm {cfg.model.effective_norm(cfg.run)})")
+
+    return _downstream("detect", run_detection, DetectionFailed, cfg, address, resume, result_line)
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..core.detection import FASTER_RCNN_OPTIONS, LAYOUTS
 from .common import RunConfig, Section, SGDConfig, TrackingConfig, build, parse_override, read_yaml
-from .linear import EncoderConfig
+from .linear import DownstreamConfig
 
 DETECTION_DATASETS = ("scattered-digits-det", "voc", "coco")
 NORMS = ("auto", "frozen", "bn", "syncbn")
@@ -163,32 +163,23 @@ class DetectEvalConfig(Section):
                            "untrained reference)")
 
 
-class DetectConfig(Section):
-    encoder: EncoderConfig
+class DetectConfig(DownstreamConfig):
+    """Encoder source, detection data, the Faster R-CNN, its schedule and evaluation, run and tracking."""
+
+    default_run_name = "detect"
+    field_hints = {
+        "data.image_size": "detection resizes each image by model.min_size / model.max_size",
+        "optim.steps": "the lr steps are optim.milestones (iterations)",
+        "optim.warmup_iters": "the warmup is optim.warmup (iterations)",
+        "model.arch": "the architecture is the encoder's: encoder.arch (--arch)",
+    }
+
     data: DetectDataConfig = Field(default_factory=DetectDataConfig)
     model: DetectModelConfig = Field(default_factory=DetectModelConfig)
     optim: DetectOptimConfig = Field(default_factory=DetectOptimConfig)
     eval: DetectEvalConfig = Field(default_factory=DetectEvalConfig)
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="detect"))
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-
-    field_hints = {
-        "data.image_size": "detection resizes each image by model.min_size / model.max_size",
-        "optim.steps": "the lr steps are optim.milestones, in the unit of optim.iterations / optim.epochs",
-        "optim.warmup_iters": "the warmup is optim.warmup, in the unit of optim.iterations / optim.epochs",
-        "model.arch": "the architecture is the encoder's: encoder.arch (--arch)",
-    }
-
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = {"encoder": {}, **data}  # a missing source gets EncoderConfig's explanation, not "field required"
-        run = data.get("run") or {}
-        if isinstance(run, dict) and "name" not in run:
-            data["run"] = {**run, "name": "detect"}
-        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> DetectConfig:
@@ -201,11 +192,6 @@ class DetectConfig(Section):
             raise ValueError(f"{', '.join(unused)}: not supported by the detection job (torchvision's detector "
                              "takes a list of differently sized images)")
         return self
-
-    @property
-    def experiment_given(self) -> bool:
-        """True when the config names the MLflow experiment (else: the pretraining run's experiment)."""
-        return "experiment" in self.tracking.model_fields_set
 
 
 def load_detect_config(

@@ -27,8 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .. import __version__, storage
-from ..checkpoints import load_training_checkpoint, save_training_checkpoint, set_rng_state
-from ..config import flatten
+from ..checkpoints import restore_training_checkpoint, save_training_checkpoint
 from ..config.detect import PATH_FIELDS, DetectConfig, DetectDataConfig
 from ..core.amp import AMP_DTYPES
 from ..core.det_engine import evaluate, gather_on_rank0, train_one_epoch
@@ -47,17 +46,9 @@ from ..data.detection import (
     voc_detection,
 )
 from ..encoders import EncoderSource, backbone_state_dict, resolve_encoder
-from ..tracking import (
-    CHECKPOINT_TAG,
-    JOB_TAG,
-    PRETRAIN_RUN_TAG,
-    RUN_DIR_TAG,
-    STATUS_TAG,
-    MetricLogger,
-    resolve_tracking_uri,
-    start_run,
-)
+from ..tracking import STATUS_TAG, MetricLogger, resolve_tracking_uri
 from . import runtime
+from .downstream import link_back, open_downstream_run
 from .faults import Faults
 
 DETECTION_RUN_TAG = "mocoray.detection_run_id"  # set on the pretraining run: its newest detection transfer
@@ -156,14 +147,7 @@ def _batches(loader: DataLoader, faults: Faults, epoch: int, rank: int, first_st
 
 def restore(checkpoint, model: nn.Module, optimizer, scaler, rank: int) -> DetectState:
     with checkpoint.as_directory() as ckpt_dir:
-        saved = load_training_checkpoint(ckpt_dir, rank)
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    if saved["scaler"]:
-        scaler.load_state_dict(saved["scaler"])
-    if saved["rng"] is not None:
-        set_rng_state(saved["rng"])
-    return DetectState(**saved["train_state"])
+        return DetectState(**restore_training_checkpoint(ckpt_dir, rank, model, optimizer, scaler))
 
 
 def save_checkpoint(model: nn.Module, optimizer, scaler, state: DetectState, metrics: dict, meta: dict,
@@ -340,17 +324,9 @@ def check_data(data: DetectDataConfig) -> None:
 
 
 def _open_mlflow_run(cfg: DetectConfig, encoder: EncoderSource, run_dir: str, uri: str) -> str:
-    experiment = (encoder.pretrain_experiment if encoder.pretrain_experiment and not cfg.experiment_given
-                  else cfg.tracking.experiment)
-    params = flatten(cfg.model_dump(mode="json"))
-    params.update({"encoder.arch": encoder.arch, "encoder.cifar_stem": encoder.cifar_stem,
-                   "encoder.checkpoint": encoder.label, "model.norm_effective": cfg.model.effective_norm(cfg.run)})
-    tags = {JOB_TAG: "detection", CHECKPOINT_TAG: encoder.label, RUN_DIR_TAG: run_dir}
-    if encoder.pretrain_run_id:
-        tags[PRETRAIN_RUN_TAG] = encoder.pretrain_run_id
-        tags["mlflow.note.content"] = (f"Detection transfer ({cfg.model.layout}, {cfg.data.name}) of pretraining "
-                                       f"run `{encoder.pretrain_run_id}`, checkpoint `{encoder.label}`.")
-    return start_run(uri, experiment, cfg.run.name, params, tags, run_key=run_dir)
+    return open_downstream_run(uri, cfg, encoder, run_dir, "detection",
+                               f"Detection transfer ({cfg.model.layout}, {cfg.data.name})",
+                               params={"model.norm_effective": cfg.model.effective_norm(cfg.run)})
 
 
 def run_detection(cfg: DetectConfig, address: str | None = None, resume: bool = False,
@@ -363,10 +339,7 @@ def run_detection(cfg: DetectConfig, address: str | None = None, resume: bool = 
     # build once here, on plain BN (SyncBatchNorm needs the GPU workers): a checkpoint of another
     # architecture, or detector options that do not fit it, fail before Ray starts
     build_model(cfg, encoder, num_classes=1, norm="bn")
-    try:
-        job = runtime.JobRun.prepare(cfg.run, resume)
-    except (FileExistsError, FileNotFoundError) as err:
-        raise DetectionFailed(str(err)) from None
+    job = runtime.start_job(cfg.run, resume, DetectionFailed)
     if cfg.tracking.enabled:
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
         job.open_tracking(uri, _open_mlflow_run, cfg, encoder, job.run_dir, uri)
@@ -375,11 +348,7 @@ def run_detection(cfg: DetectConfig, address: str | None = None, resume: bool = 
     loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), encoder=asdict(encoder),
                                   faults=(faults or Faults()).to_dict())
     trainer = runtime.make_torch_trainer(train_loop_per_worker, loop_config, cfg.run, job.storage_path)
-    try:
-        result = trainer.fit()
-    except Exception as err:
-        job.end_tracking("FAILED", {STATUS_TAG: "failed"})
-        raise DetectionFailed(f"detection run {cfg.run.name!r} failed: {err}") from err
+    result = job.fit(trainer, DetectionFailed, f"detection run {cfg.run.name!r}")
 
     status = job.status() or {"status": "unknown"}
     checkpoint = runtime.checkpoint_url(result, job.storage_path)
@@ -397,7 +366,6 @@ def run_detection(cfg: DetectConfig, address: str | None = None, resume: bool = 
                 f"checkpoint is kept: {checkpoint or 'none was written yet'}. "
                 "Lower optim.lr, raise optim.warmup, set optim.clip_grad_norm, or check the data.", out)
         raise DetectionFailed(f"detection run {cfg.run.name!r} ended with status {status['status']!r}", out)
-    if job.mlflow_run_id and encoder.pretrain_run_id:  # the link back, for people browsing the pretraining run
-        MetricLogger(job.tracking_uri, encoder.pretrain_run_id).tags({DETECTION_RUN_TAG: job.mlflow_run_id})
+    link_back(job, encoder, DETECTION_RUN_TAG)
     job.end_tracking("FINISHED", tags)
     return out

@@ -14,7 +14,7 @@ import torch
 
 from .. import storage
 from ..config.common import RunConfig
-from ..tracking import end_run, safely
+from ..tracking import STATUS_TAG, end_run, safely
 
 # The code uses Ray Train V2 (TrainController, Tune functions that fit their own trainer); Ray reads this
 # flag when ray.train is first imported.
@@ -142,6 +142,22 @@ class JobRun:
     def end_tracking(self, status: str, tags: dict[str, str]) -> None:
         if self.mlflow_run_id:
             safely("end of the run", end_run, self.tracking_uri, self.mlflow_run_id, status, tags)
+
+    def fit(self, trainer, failed: type[Exception], what: str):
+        """`trainer.fit()`; if it raises, the MLflow run ends FAILED and the error is raised as `failed`."""
+        try:
+            return trainer.fit()
+        except Exception as err:
+            self.end_tracking("FAILED", {STATUS_TAG: "failed"})
+            raise failed(f"{what} failed: {err}") from err
+
+
+def start_job(run: RunConfig, resume: bool, failed: type[Exception]) -> JobRun:
+    """`JobRun.prepare`, with a name clash (or a missing run to resume) raised as the job's own `failed`."""
+    try:
+        return JobRun.prepare(run, resume)
+    except (FileExistsError, FileNotFoundError) as err:
+        raise failed(str(err)) from None
 
 
 def make_torch_trainer(train_fn, loop_config: dict, run: RunConfig, storage_path: str, callbacks: list | None = None):
