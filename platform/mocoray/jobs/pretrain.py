@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import __version__, storage
-from ..checkpoints import load_training_checkpoint, save_training_checkpoint, set_rng_state
+from ..checkpoints import restore_training_checkpoint, save_training_checkpoint
 from ..config import PretrainConfig, flatten
 from ..core.amp import AMP_DTYPES
 from ..core.augment import BatchAugment, moco_spec, two_view_transform
@@ -228,14 +228,7 @@ def save_checkpoint(model, optimizer, scaler, state: TrainState, cfg: PretrainCo
 
 def restore(checkpoint, model, optimizer, scaler, rank: int) -> TrainState:
     with checkpoint.as_directory() as ckpt_dir:
-        saved = load_training_checkpoint(ckpt_dir, rank)
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    if saved["scaler"]:
-        scaler.load_state_dict(saved["scaler"])
-    if saved["rng"] is not None:
-        set_rng_state(saved["rng"])
-    return TrainState(**saved["train_state"])
+        return TrainState(**restore_training_checkpoint(ckpt_dir, rank, model, optimizer, scaler))
 
 
 # ---------------------------------------------------------------------------------------------------
