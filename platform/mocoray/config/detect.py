@@ -1,4 +1,4 @@
-"""The detection-transfer job's config: which encoder, which detection data, the Faster R-CNN, its schedule."""
+"""The detection-transfer job's config: the encoder, the detection data, the Faster R-CNN, its schedule."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class DetectDataConfig(Section):
 
     name: Literal[DETECTION_DATASETS] = "scattered-digits-det"  # type: ignore[valid-type]
     root: str | None = Field(
-        None, description="voc: the folder holding VOCdevkit/ (or VOCdevkit/ itself); coco: the training images"
+        None, description="voc: the folder holding VOCdevkit/ (or VOCdevkit/ itself); coco: training images"
     )
     val_root: str | None = Field(
         None, description="voc: where val_sets are, if not under root; coco: the validation images (required)"
@@ -37,7 +37,7 @@ class DetectDataConfig(Section):
     annotations: str | None = Field(None, description="coco: the training instances JSON")
     val_annotations: str | None = Field(None, description="coco: the validation instances JSON")
     train_sets: list[str] = Field(default_factory=lambda: ["2007-trainval", "2012-trainval"],
-                                  description="voc: YEAR-SPLIT sets to train on (the paper's: 07+12 trainval)")
+                                  description="voc: YEAR-SPLIT sets to train on (paper: 07+12 trainval)")
     val_sets: list[str] = Field(default_factory=lambda: ["2007-test"], description="voc: sets to evaluate on")
     train_canvases: int = Field(2000, ge=1, description="scattered-digits-det: training images")
     val_canvases: int = Field(500, ge=1, description="scattered-digits-det: validation images")
@@ -71,10 +71,11 @@ class DetectModelConfig(Section):
     """torchvision's Faster R-CNN around the encoder (core/detection.py). Defaults: the paper's R50-C4."""
 
     layout: Literal[LAYOUTS] = Field(  # type: ignore[valid-type]
-        "c4", description="c4: trunk to the 4th stage, last stage as the RoI box head (the paper's); fpn: FPN")
+        "c4", description="c4: trunk to the 4th stage, last stage as the RoI box head (paper); fpn: FPN")
     norm: Literal[NORMS] = Field(  # type: ignore[valid-type]
-        "auto", description="BN of backbone and box head: frozen (statistics and affine fixed), bn (trained), "
-        "syncbn (trained, synchronised across GPU workers); auto: syncbn with several GPU workers, else bn")
+        "auto", description="BN of backbone and box head: frozen (statistics and affine fixed), bn "
+        "(trained), syncbn (trained, synchronised across GPU workers); auto: syncbn with several GPU "
+        "workers, else bn")
     frozen_stages: int = Field(0, ge=0, description="freeze the stem (1) and the first stages (2, 3, ...) as "
                                "detectron2's FREEZE_AT; 0 trains everything (the paper)")
     min_size: list[int] = Field(
@@ -90,8 +91,8 @@ class DetectModelConfig(Section):
     fpn_channels: int = Field(256, ge=1, description="fpn only")
     representation_size: int = Field(1024, ge=1, description="fpn only: the MLP box head's width")
     rcnn: dict[str, int | float] = Field(
-        default_factory=dict, description="other torchvision FasterRCNN arguments, e.g. rpn_post_nms_top_n_test, "
-        "box_batch_size_per_image, box_detections_per_img")
+        default_factory=dict, description="other torchvision FasterRCNN arguments, e.g. "
+        "rpn_post_nms_top_n_test, box_batch_size_per_image, box_detections_per_img")
 
     @field_validator("min_size")
     @classmethod
@@ -105,7 +106,8 @@ class DetectModelConfig(Section):
     def _known_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(options) - FASTER_RCNN_OPTIONS)
         if unknown:
-            raise ValueError(f"model.rcnn: unknown FasterRCNN options {unknown}; allowed: {', '.join(sorted(FASTER_RCNN_OPTIONS))}")
+            allowed = ", ".join(sorted(FASTER_RCNN_OPTIONS))
+            raise ValueError(f"model.rcnn: unknown FasterRCNN options {unknown}; allowed: {allowed}")
         return options
 
     def effective_norm(self, run: RunConfig) -> str:
@@ -123,7 +125,7 @@ class DetectOptimConfig(SGDConfig):
     lr: float = Field(0.02, gt=0.0)
     batch_size: int = Field(16, ge=1, description="global images per iteration, split evenly across workers")
     iterations: int | None = Field(24000, ge=1, description="length in iterations (or set epochs instead)")
-    epochs: int | None = Field(None, ge=1, description="length in passes over the training set (or iterations)")
+    epochs: int | None = Field(None, ge=1, description="length in passes over the training set")
     schedule: Literal["cosine", "step", "constant"] = "step"
     milestones: list[int] = Field(default_factory=lambda: [18000, 22000],
                                   description="iterations where a step schedule multiplies lr by gamma")
@@ -144,12 +146,15 @@ class DetectOptimConfig(SGDConfig):
             raise ValueError("give exactly one of optim.iterations and optim.epochs (the schedule's length; "
                              f"got iterations={self.iterations}, epochs={self.epochs})")
         if self.iterations is not None and self.warmup >= self.iterations:
-            raise ValueError(f"optim.warmup={self.warmup} must be shorter than optim.iterations={self.iterations}")
+            raise ValueError(f"optim.warmup={self.warmup} must be shorter than "
+                             f"optim.iterations={self.iterations}")
         return self
 
     def total_iterations(self, steps_per_epoch: int) -> int:
         """The run's length in iterations, for a training set that takes `steps_per_epoch` per pass."""
-        return self.iterations if self.iterations is not None else self.epochs * steps_per_epoch  # type: ignore[operator]
+        if self.iterations is not None:
+            return self.iterations
+        return self.epochs * steps_per_epoch  # type: ignore[operator]
 
     def passes(self, steps_per_epoch: int) -> int:
         """Passes over the training set the run makes (the last one cut short at the iteration count)."""
@@ -189,13 +194,15 @@ class DetectConfig(DownstreamConfig):
                              "use model.norm=bn (what auto picks on CPUs)")
         unused = [f"run.{f}" for f in ("channels_last", "compile") if getattr(self.run, f)]
         if unused:
-            raise ValueError(f"{', '.join(unused)}: not supported by the detection job (torchvision's detector "
-                             "takes a list of differently sized images)")
+            raise ValueError(f"{', '.join(unused)}: not supported by the detection job (torchvision's "
+                             "detector takes a list of differently sized images)")
         return self
 
 
 def load_detect_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, cli_values: dict[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    cli_values: dict[str, Any] | None = None,
 ) -> DetectConfig:
     """Recipe at `path`, then `cli_values` ({dotted key: value}: CLI flags such as the run id), then the
     `--set` `overrides`, validated. A length set by `--set` (optim.iterations or optim.epochs) replaces the

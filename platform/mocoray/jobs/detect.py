@@ -38,7 +38,9 @@ from ..core.moco import NonFiniteLossError, unwrap
 from ..core.schedule import lr_at
 from ..data import SkipCorrupt, check_paths, take
 from ..data.detection import (
+    FileDetections,
     RandomHorizontalFlip,
+    ScatteredDigitsDet,
     check_voc_sets,
     coco_detection,
     collate_detection,
@@ -68,30 +70,36 @@ class DetectionFailed(RuntimeError):
 # Worker: building blocks
 
 
-def detection_splits(data: DetectDataConfig) -> tuple[Dataset, Dataset]:
-    """(train, val) of `data.name`: training leaves out VOC `difficult` / COCO crowd objects and images
-    left without boxes, and flips when `data.use_flip`; validation keeps everything, as the metrics expect."""
+DetectionSet = FileDetections | ScatteredDigitsDet  # each has .classes, .num_classes, .counts
+
+
+def detection_splits(data: DetectDataConfig) -> tuple[DetectionSet, DetectionSet]:
+    """(train, val) of `data.name`: training leaves out VOC `difficult` / COCO crowd objects and images left
+    without boxes, and flips when `data.use_flip`; validation keeps everything, as the metrics expect.
+    (The config has checked that the dataset's paths are set.)"""
     flip = RandomHorizontalFlip() if data.use_flip else None
     if data.name == "scattered-digits-det":
         return scattered_digits_det(data.train_canvases, data.val_canvases, canvas=data.canvas_size,
                                     max_digits=data.max_digits, transform=flip)
+    root, val_root = str(data.root), str(data.val_root or data.root)
     if data.name == "voc":
-        train = voc_detection(data.root, data.train_sets, keep_difficult=False, skip_empty=True,  # type: ignore[arg-type]
-                              transform=flip, field="data.root")
-        val = voc_detection(data.val_root or data.root, data.val_sets,  # type: ignore[arg-type]
-                            field="data.val_root" if data.val_root else "data.root")
+        train = voc_detection(root, data.train_sets, keep_difficult=False, skip_empty=True, transform=flip,
+                              field="data.root")
+        val = voc_detection(val_root, data.val_sets, field="data.val_root" if data.val_root else "data.root")
         return train, val
-    train = coco_detection(data.annotations, data.root, keep_crowd=False, skip_empty=True, transform=flip,  # type: ignore[arg-type]
+    train = coco_detection(str(data.annotations), root, keep_crowd=False, skip_empty=True, transform=flip,
                            annotations_field="data.annotations", images_field="data.root")
-    val = coco_detection(data.val_annotations, data.val_root,  # type: ignore[arg-type]
-                         annotations_field="data.val_annotations", images_field="data.val_root")
+    val = coco_detection(str(data.val_annotations), val_root, annotations_field="data.val_annotations",
+                         images_field="data.val_root")
     if val.classes != train.classes:
         raise ValueError(f"data.val_annotations lists other categories than data.annotations "
-                         f"({len(val.classes)} vs {len(train.classes)}: {val.classes[:5]} vs {train.classes[:5]})")
+                         f"({len(val.classes)} vs {len(train.classes)}: {val.classes[:5]} vs "
+                         f"{train.classes[:5]})")
     return train, val
 
 
-def build_model(cfg: DetectConfig, encoder: EncoderSource, num_classes: int, norm: str | None = None) -> nn.Module:
+def build_model(cfg: DetectConfig, encoder: EncoderSource, num_classes: int, norm: str | None = None
+                ) -> nn.Module:
     """The Faster R-CNN of `cfg.model` for `num_classes` classes, its backbone holding the encoder's weights
     (a random-init backbone is drawn from `run.seed`, so every rank builds the same detector).
     `norm`: default `cfg.model`'s, resolved for `cfg.run`."""
@@ -168,24 +176,25 @@ def save_checkpoint(model: nn.Module, optimizer, scaler, state: DetectState, met
                          checkpoint_dir_name=f"step_{state.global_step:07d}")
 
 
-def _log_start(logger: MetricLogger, train: Dataset, val: Dataset, cfg: DetectConfig, encoder: EncoderSource,
-               norm: str, world: int, steps_per_epoch: int, total: int) -> None:
+def _log_start(logger: MetricLogger, train: DetectionSet, val: DetectionSet, cfg: DetectConfig,
+               encoder: EncoderSource, norm: str, world: int, steps_per_epoch: int, total: int) -> None:
     """What the run is about to train on: the annotation counts (what was clipped, dropped, skipped)."""
-    counts = {f"annotations.train.{k}": v for k, v in train.counts.as_dict().items()}  # type: ignore[attr-defined]
-    counts.update({f"annotations.val.{k}": v for k, v in val.counts.as_dict().items()})  # type: ignore[attr-defined]
+    counts = {f"annotations.train.{k}": v for k, v in train.counts.as_dict().items()}
+    counts.update({f"annotations.val.{k}": v for k, v in val.counts.as_dict().items()})
     logger.metrics(counts, step=0)
-    logger.tags({NORM_TAG: norm, "mocoray.world_size": world, "mocoray.num_classes": train.num_classes})  # type: ignore[attr-defined]
+    logger.tags({NORM_TAG: norm, "mocoray.world_size": world, "mocoray.num_classes": train.num_classes})
     runtime.console(
         f"detection ({cfg.model.layout}, norm {norm}) from {encoder.label}: {encoder.arch}, "
-        f"{train.num_classes} classes, {train.counts.images} train images / {train.counts.boxes} boxes, "  # type: ignore[attr-defined]
-        f"{val.counts.images} val images, {world} worker(s), {steps_per_epoch} iterations/pass, {total} in all"  # type: ignore[attr-defined]
+        f"{train.num_classes} classes, {train.counts.images} train images / {train.counts.boxes} boxes, "
+        f"{val.counts.images} val images, {world} worker(s), {steps_per_epoch} iterations/pass, "
+        f"{total} in all"
     )
 
 
 def _epoch_line(m: dict, total: int) -> str:
     ap = f"  AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}" if "AP" in m else ""
-    return (f"epoch {m['epoch']}  iter {m['global_step']}/{total}  loss {m['loss']:.4f}{ap}  lr {m['lr']:.4g}  "
-            f"{m['images_per_s']:.1f} images/s  {m['epoch_time_s']:.1f}s")
+    return (f"epoch {m['epoch']}  iter {m['global_step']}/{total}  loss {m['loss']:.4f}{ap}  "
+            f"lr {m['lr']:.4g}  {m['images_per_s']:.1f} images/s  {m['epoch_time_s']:.1f}s")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,11 +215,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     train_set, val_set = detection_splits(cfg.data)
     train, val = take(train_set, cfg.data.max_images), take(val_set, cfg.data.max_val_images)
-    model = build_model(cfg, encoder, train_set.num_classes, norm).to(device)  # type: ignore[attr-defined]
+    model = build_model(cfg, encoder, train_set.num_classes, norm).to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                 momentum=cfg.optim.sgd_momentum, weight_decay=cfg.optim.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16" and device.type == "cuda")
-    torch.manual_seed(cfg.run.seed * 1000 + 1 + rank)  # flips, training sizes and RoI sampling differ per rank
+    torch.manual_seed(cfg.run.seed * 1000 + 1 + rank)  # flips, image sizes, RoI sampling differ per rank
 
     state = DetectState()
     checkpoint = ray.train.get_checkpoint()
@@ -222,8 +231,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
 
     per_worker = cfg.optim.batch_size // world
-    sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=rank, shuffle=True,  # type: ignore[arg-type]
-                                 seed=cfg.run.seed)
+    sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=rank,  # type: ignore[arg-type]
+                                 shuffle=True, seed=cfg.run.seed)
     steps_per_epoch = math.ceil(sampler.num_samples / per_worker)
     total = cfg.optim.total_iterations(steps_per_epoch)
 
@@ -232,9 +241,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return lr_at(step, o.lr, total, o.schedule, o.warmup, o.milestones, o.gamma)
 
     meta = {"config": cfg.model_dump(mode="json"), "encoder": loop_config["encoder"], "norm_effective": norm,
-            "classes": list(train_set.classes), "world_size": world, "mocoray": __version__,  # type: ignore[attr-defined]
+            "classes": list(train_set.classes), "world_size": world, "mocoray": __version__,
             "torch": torch.__version__}
-    logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
+    logger = None
+    if rank == 0:
+        logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"))
     if state.global_step == 0:
         if logger:
             _log_start(logger, train_set, val_set, cfg, encoder, norm, world, steps_per_epoch, total)
@@ -273,11 +284,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         images, skipped = all_reduce_sum([stats.images, stats.skipped], device)
         state.global_step, state.epoch = stats.global_step, epoch + 1
         last = state.global_step >= total
-        if state.epoch % cfg.eval.every == 0 or last:
+        evaluated = state.epoch % cfg.eval.every == 0 or last
+        if evaluated:
             state.metrics = evaluate_detector(model, val, cfg, device) or {}
         metrics = {"epoch": state.epoch, "global_step": state.global_step, "loss": stats.loss, **stats.losses,
                    "lr": lr_fn(state.global_step - 1), "images_per_s": images / train_s,
-                   "corrupt_images_skipped": skipped, **state.metrics, "epoch_time_s": time.perf_counter() - t0}
+                   "corrupt_images_skipped": skipped, **(state.metrics if evaluated else {}),
+                   "epoch_time_s": time.perf_counter() - t0}
         if logger:
             logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
             runtime.console(_epoch_line(metrics, total))
@@ -318,9 +331,9 @@ def check_data(data: DetectDataConfig) -> None:
     """Missing dataset paths (and, for VOC, year folders and split files), named before Ray starts."""
     check_paths(data, PATH_FIELDS)  # type: ignore[arg-type]
     if data.name == "voc":
-        check_voc_sets(data.root, data.train_sets, "data.root")  # type: ignore[arg-type]
+        check_voc_sets(str(data.root), data.train_sets, "data.root")
         val_field = "data.val_root" if data.val_root else "data.root"
-        check_voc_sets(data.val_root or data.root, data.val_sets, val_field)  # type: ignore[arg-type]
+        check_voc_sets(str(data.val_root or data.root), data.val_sets, val_field)
 
 
 def _open_mlflow_run(cfg: DetectConfig, encoder: EncoderSource, run_dir: str, uri: str) -> str:
@@ -353,8 +366,8 @@ def run_detection(cfg: DetectConfig, address: str | None = None, resume: bool = 
     status = job.status() or {"status": "unknown"}
     checkpoint = runtime.checkpoint_url(result, job.storage_path)
     out = DetectionResult(run_dir=job.run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}),
-                          status=status["status"], mlflow_run_id=job.mlflow_run_id, tracking_uri=job.tracking_uri,
-                          encoder=encoder)
+                          status=status["status"], mlflow_run_id=job.mlflow_run_id,
+                          tracking_uri=job.tracking_uri, encoder=encoder)
     tags = {STATUS_TAG: status["status"]}
     if checkpoint:
         tags[DETECTOR_CHECKPOINT_TAG] = checkpoint
