@@ -61,9 +61,9 @@ def pretraining_run(args: argparse.Namespace, uri: str) -> str:
     return res.mlflow_run_id
 
 
-def mean_images_per_s(uri: str, run_id: str) -> float:
-    history = client(uri).get_metric_history(run_id, "images_per_s")
-    return statistics.mean(m.value for m in history)
+def history(uri: str, run_id: str, key: str) -> list[float]:
+    """The run's values of `key`, one per pass (step 1, 2, ...)."""
+    return [m.value for m in sorted(client(uri).get_metric_history(run_id, key), key=lambda m: m.step) if m.step]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,20 +86,24 @@ def main(argv: list[str] | None = None) -> None:
             res = run_detection(cfg)
             wall = time.perf_counter() - t0
             row = {"source": source, "seed": seed, **{k: res.metrics[k] for k in METRICS},
-                   "images_per_s": mean_images_per_s(uri, res.mlflow_run_id), "wall_s": wall,
-                   "mlflow_run_id": res.mlflow_run_id}
+                   "AP50_per_pass": history(uri, res.mlflow_run_id, "AP50"),
+                   "images_per_s": statistics.mean(history(uri, res.mlflow_run_id, "images_per_s")),
+                   "wall_s": wall, "mlflow_run_id": res.mlflow_run_id}
             rows.append(row)
             print(f"{source} seed {seed}: " + "  ".join(f"{k} {row[k]:.4f}" for k in METRICS)
                   + f"  {row['images_per_s']:.1f} images/s  {wall:.0f} s", flush=True)
-    print(table(["source", "seed", *METRICS, "train images/s", "wall s"],
-                [[r["source"], str(r["seed"]), *(f"{r[k]:.4f}" for k in METRICS), f"{r['images_per_s']:.1f}",
+    print(table(["source", "seed", *METRICS, "AP50 after each pass", "train images/s", "wall s"],
+                [[r["source"], str(r["seed"]), *(f"{r[k]:.4f}" for k in METRICS),
+                  " / ".join(f"{v:.3f}" for v in r["AP50_per_pass"]), f"{r['images_per_s']:.1f}",
                   f"{r['wall_s']:.0f}"] for r in rows]))
     summary = []
     for source in sources:
         mine = [r for r in rows if r["source"] == source]
+        passes = list(zip(*(r["AP50_per_pass"] for r in mine), strict=True))
         summary.append([source, *(f"{statistics.mean(r[k] for r in mine):.4f} +- "
-                                  f"{statistics.pstdev(r[k] for r in mine):.4f}" for k in METRICS)])
-    print(table(["source", *(f"{k} mean +- std" for k in METRICS)], summary))
+                                  f"{statistics.pstdev(r[k] for r in mine):.4f}" for k in METRICS),
+                        " / ".join(f"{statistics.mean(p):.3f}" for p in passes)])
+    print(table(["source", *(f"{k} mean +- std" for k in METRICS), "mean AP50 after each pass"], summary))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "pretrain_run": pretrain_id, "rows": rows}, f, indent=2)
