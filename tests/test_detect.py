@@ -81,11 +81,12 @@ def test_recipes_hold_the_papers_schedule_and_norm_auto_resolves_per_hardware(ca
     assert (shorter.optim.iterations, shorter.optim.epochs, shorter.optim.milestones) == (60, None, [300])
     assert load_detect_config(VOC_DETECT, ["optim.epochs=2"], RANDOM_SMALL).optim.total_iterations(10) == 20
 
-    rc = main(["detect", str(DIGITS_DETECT), "--random-init", "--arch", "small_resnet", "--print-config"])
+    # no recipe: the embedded CPU demo (experiments/detect_digits.yaml links to it)
+    rc = main(["detect", "--random-init", "--arch", "small_resnet", "--print-config"])
     out = capsys.readouterr().out
     assert rc == 0
     assert out.startswith("# model.norm auto resolves to bn (run.use_gpu=False, run.num_workers=2)")
-    assert "norm: auto" in out and "random_init: true" in out
+    assert "norm: auto" in out and "random_init: true" in out and "layout: fpn" in out
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

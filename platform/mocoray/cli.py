@@ -153,8 +153,9 @@ def _detect(cfg, address: str | None, resume: bool = False) -> int:
 
 def _cmd_detect(args: argparse.Namespace) -> int:
     from .config import load_detect_config
+    from .config.detect import DEFAULT_RECIPE
 
-    cfg = load_detect_config(args.recipe, args.overrides, _encoder_flags(args))
+    cfg = load_detect_config(args.recipe or DEFAULT_RECIPE, args.overrides, _encoder_flags(args))
     if args.print_config:
         print(f"# model.norm {cfg.model.norm} resolves to {cfg.model.effective_norm(cfg.run)} "
               f"(run.use_gpu={cfg.run.use_gpu}, run.num_workers={cfg.run.num_workers})")

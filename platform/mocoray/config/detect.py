@@ -14,6 +14,8 @@ from .linear import DownstreamConfig
 
 DETECTION_DATASETS = ("scattered-digits-det", "voc", "coco")
 NORMS = ("auto", "frozen", "bn", "syncbn")
+# What `mocoray detect` runs when no recipe is given: the CPU demo (experiments/ links to it).
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "detect_digits.yaml"
 PAPER_MIN_SIZES = list(range(480, 801, 32))  # 480, 512, ..., 800: the MoCo paper's VOC training sizes
 # Which data fields each dataset reads (the rest must stay unset, so a misplaced path is not ignored).
 DATA_PATHS = {
