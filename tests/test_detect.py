@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -16,10 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from conftest import EXPERIMENTS, tiny_pretrain_overrides
+from conftest import EXPERIMENTS
 from mocoray.cli import main
 from mocoray.compare import compare_table
-from mocoray.config import ConfigError, load_config, load_detect_config, load_linear_config
+from mocoray.config import ConfigError, load_detect_config, load_linear_config
+from mocoray.core.backbones import build_backbone
 from mocoray.core.det_engine import train_one_epoch
 from mocoray.core.detection import PREFIXES_ATTR
 from mocoray.data import DatasetNotFoundError
@@ -28,7 +32,6 @@ from mocoray.encoders import load_backbone, resolve_encoder
 from mocoray.jobs.detect import DetectionFailed, build_model, run_detection
 from mocoray.jobs.faults import Faults
 from mocoray.jobs.linear import run_linear_eval
-from mocoray.jobs.pretrain import run_pretrain
 from test_detection_data import write_voc
 from test_linear import _official_moco_checkpoint, _trained_resnet18
 
@@ -129,17 +132,46 @@ def test_missing_dataset_paths_are_named_before_ray_starts(tmp_path):
 # ------------------------------------------------------------------------------------ the detector
 
 
+def _voc_folder(voc: Path) -> None:
+    """Four trainval images (one of them without its annotation file) with a box reaching out of the image,
+    one with only a difficult object; two test images, one of them with only a difficult object."""
+    objects = [("dog", 3, 3, 30, 25, False), ("cat", 20, 5, 60, 40, False)]
+    trainval = [(f"{i:06d}", objects, (40, 30)) for i in range(1, 5)]
+    trainval.append(("000005", [("dog", 2, 2, 20, 20, True)], (40, 30)))
+    test = [("000010", objects[:1], (40, 30)), ("000011", [("cat", 1, 1, 38, 29, True)], (40, 30))]
+    write_voc(str(voc), {"2007": {"trainval": trainval, "test": test}})
+    (voc / "VOCdevkit/VOC2007/Annotations/000004.xml").unlink()
+
+
 @pytest.fixture(scope="module")
 def digits_pretrain(ray_session, tmp_path_factory):
-    """A short MoCo v2 pretraining on scattered digits (1 worker, 1 epoch on 1,024 images, K 256)."""
+    """A short MoCo v2 pretraining on scattered digits (1 worker, 1 epoch on 1,024 images, K 256), run as
+    `mocoray pretrain ... --then-detect` with the paper's VOC recipe shrunk to a VOC folder written here."""
     tmp = tmp_path_factory.mktemp("detect_pretrain")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cfg = load_config(EXPERIMENTS / "digits_moco_v2.yaml", [
-        "optim.epochs=1", "run.num_workers=1", "data.max_images=1024", "moco.queue_size=256",
-        "knn.max_bank=512", f"run.storage_path={tmp / 'runs'}", "run.name=digits-det-pre",
-        f"tracking.tracking_uri={uri}", "tracking.experiment=digits-detect-test",
-    ])
-    return {"result": run_pretrain(cfg), "uri": uri, "tmp": tmp}
+    _voc_folder(tmp / "voc")
+    pretrain = ["optim.epochs=1", "run.num_workers=1", "data.max_images=1024", "moco.queue_size=256",
+                "knn.max_bank=512", f"run.storage_path={tmp / 'runs'}", "run.name=digits-det-pre",
+                f"tracking.tracking_uri={uri}", "tracking.experiment=digits-detect-test"]
+    shrink = {"data.root": tmp / "voc", "data.train_sets": "[2007-trainval]", "data.loader_workers": 0,
+              "model.norm": "auto", "model.min_size": "[64]", "model.max_size": 64,
+              "model.anchor_sizes": "[16,32]", "model.roi_size": 7,
+              "model.rcnn": "{rpn_post_nms_top_n_train: 100, rpn_post_nms_top_n_test: 50, "
+                            "box_batch_size_per_image: 32}",
+              "optim.iterations": 3, "optim.batch_size": 2, "optim.warmup": 1, "optim.milestones": "[]",
+              "eval.batch_size": 2, "run.num_workers": 1, "run.use_gpu": False, "run.cpus_per_worker": 1}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["pretrain", str(EXPERIMENTS / "digits_moco_v2.yaml"), *[f"--set={o}" for o in pretrain],
+                   "--then-detect", str(VOC_DETECT), *[f"--detect-set={k}={v}" for k, v in shrink.items()]])
+    assert rc == 0, out.getvalue()
+    c = mlflow.MlflowClient(uri)
+    run = c.search_runs([c.get_experiment_by_name("digits-detect-test").experiment_id],
+                        "tags.`mocoray.job` = 'pretrain'")[0]
+    pre = SimpleNamespace(mlflow_run_id=run.info.run_id, checkpoint=run.data.tags["mocoray.checkpoint"],
+                          backbone_path=run.data.tags["mocoray.backbone"])
+    return {"result": pre, "uri": uri, "tmp": tmp, "out": out.getvalue(),
+            "detection_link": run.data.tags.get("mocoray.detection_run_id")}
 
 
 def _detector_view(detector: nn.Module, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -230,7 +262,7 @@ def test_digits_detection_from_pretraining_beats_untrained_is_linked_both_ways_a
 
     c = mlflow.MlflowClient(uri)
     experiment = c.get_experiment_by_name("digits-detect-test").experiment_id  # the pretraining run's
-    run = c.search_runs([experiment], "tags.`mocoray.job` = 'detection'")[0]
+    run = c.search_runs([experiment], "attributes.run_name = 'det-digits'")[0]
     tags, metrics = run.data.tags, run.data.metrics
     assert run.info.status == "FINISHED" and tags["mocoray.status"] == "completed"
     assert tags["mocoray.pretrain_run_id"] == pre.mlflow_run_id
@@ -306,21 +338,6 @@ def test_resumed_and_restarted_detection_end_with_the_weights_of_an_uninterrupte
     assert sorted(m.step for m in client.get_metric_history(resumed.mlflow_run_id, "AP50")) == [2, 2, 3]
 
 
-def test_nan_loss_stops_the_detection_run_and_keeps_the_last_good_checkpoint(ray_session, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_detect_config(DIGITS_DETECT, _sets(tmp_path, "nan", uri, **TINY, **{"optim.iterations": 12}),
-                             RANDOM_SMALL)
-    with pytest.raises(DetectionFailed, match=r"non-finite loss in pass 2 \(detection loss is non-finite on 1 "
-                       r"rank\(s\) at step 8 .*optim.clip_grad_norm"):
-        run_detection(cfg, faults=Faults(nan_at_step=8))  # 6 iterations a pass: in the second pass
-    run = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name(
-        "mocoray").experiment_id])[0]
-    assert run.info.status == "FAILED" and run.data.tags["mocoray.status"] == "nonfinite_loss"
-    assert run.data.tags["mocoray.detector_checkpoint"].endswith("step_0000006")
-    good = torch.load(Path(run.data.tags["mocoray.detector_checkpoint"]) / "model.pt", weights_only=True)
-    assert all(torch.isfinite(v).all() for v in good.values() if v.is_floating_point())
-
-
 def _coco_folder(root: Path) -> tuple[Path, Path]:
     """Train / val instances JSON (categories 3 and 7, a crowd box, one of an unknown category) + JPEGs."""
     (root / "images").mkdir(parents=True)
@@ -345,17 +362,28 @@ def _coco_folder(root: Path) -> tuple[Path, Path]:
     return root / "train.json", root / "val.json"
 
 
-def test_coco_folder_trains_and_evaluates_through_the_job_with_counts_logged(ray_session, tmp_path):
+def test_coco_folder_through_the_job_counts_its_annotations_and_a_nan_loss_stops_it(ray_session, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     train_json, val_json = _coco_folder(tmp_path / "coco")
     data = {"data.name": "coco", "data.root": tmp_path / "coco" / "images", "data.annotations": train_json,
             "data.val_root": tmp_path / "coco" / "images", "data.val_annotations": val_json}
-    short = {**TINY, **data, "optim.iterations": 2, "optim.batch_size": 2}
+    # 3 training images at batch 2: 2 iterations a pass; the loss turns NaN at iteration 3, in the second
+    short = {**TINY, **data, "optim.iterations": 6, "optim.batch_size": 2}
     cfg = load_detect_config(DIGITS_DETECT, _sets(tmp_path, "coco", uri, **short), RANDOM_SMALL)
-    res = run_detection(cfg)
-    assert res.status == "completed" and res.metrics["global_step"] == 2
-    assert {"AP", "AP50", "AP75"} <= set(res.metrics) and "VOC07_AP50" not in res.metrics
-    metrics = mlflow.MlflowClient(uri).get_run(res.mlflow_run_id).data.metrics
+    with pytest.raises(DetectionFailed, match=r"non-finite loss in pass 2 \(detection loss is non-finite on 1 "
+                       r"rank\(s\) at step 3 .*optim.clip_grad_norm") as stopped:
+        run_detection(cfg, faults=Faults(nan_at_step=3))
+    res = stopped.value.result
+    assert res.status == "nonfinite_loss" and Path(res.checkpoint).name == "step_0000002"
+    good = torch.load(Path(res.checkpoint) / "model.pt", weights_only=True)  # the last good one
+    assert all(torch.isfinite(v).all() for v in good.values() if v.is_floating_point())
+    meta = json.loads((Path(res.checkpoint) / "meta.json").read_text())
+    assert meta["classes"] == ["a", "b"] and meta["norm_effective"] == "bn"  # categories by id: 3, 7
+
+    run = mlflow.MlflowClient(uri).get_run(res.mlflow_run_id)
+    assert run.info.status == "FAILED" and run.data.tags["mocoray.status"] == "nonfinite_loss"
+    metrics = run.data.metrics
+    assert {"AP", "AP50", "AP75"} <= set(metrics) and "VOC07_AP50" not in metrics  # pass 1 was evaluated
     # training: the crowd box left out, the unknown category dropped, and so the image of it left empty
     assert metrics["annotations.train.images"] == 3 and metrics["annotations.train.boxes"] == 3
     assert metrics["annotations.train.boxes_flagged_dropped"] == 1
@@ -363,45 +391,26 @@ def test_coco_folder_trains_and_evaluates_through_the_job_with_counts_logged(ray
     assert metrics["annotations.train.images_empty_dropped"] == 1
     assert metrics["annotations.train.boxes_clipped"] == 1
     assert metrics["annotations.val.images"] == 2 and metrics["annotations.val.boxes"] == 2
-    meta = json.loads((Path(res.checkpoint) / "meta.json").read_text())
-    assert meta["classes"] == ["a", "b"] and meta["norm_effective"] == "bn"  # categories by id: 3, 7
 
 
-def test_pretrain_then_detect_on_a_voc_folder_with_the_paper_recipe_shrunk(ray_session, tmp_path, capsys):
-    voc = tmp_path / "voc"
-    objects = [("dog", 3, 3, 30, 25, False), ("cat", 20, 5, 60, 40, False)]
-    trainval = [(f"{i:06d}", objects, (40, 30)) for i in range(1, 5)]
-    trainval.append(("000005", [("dog", 2, 2, 20, 20, True)], (40, 30)))  # only a difficult object
-    test = [("000010", objects[:1], (40, 30)), ("000011", [("cat", 1, 1, 38, 29, True)], (40, 30))]
-    write_voc(str(voc), {"2007": {"trainval": trainval, "test": test}})
-    (voc / "VOCdevkit/VOC2007/Annotations/000004.xml").unlink()  # listed, but its annotation is missing
-    shrink = {"data.root": voc, "data.train_sets": "[2007-trainval]", "data.loader_workers": 0,
-              "model.norm": "auto", "model.min_size": "[64]", "model.max_size": 64,
-              "model.anchor_sizes": "[16,32]", "model.roi_size": 7,
-              "model.rcnn": "{rpn_post_nms_top_n_train: 100, rpn_post_nms_top_n_test: 50, "
-                            "box_batch_size_per_image: 32}",
-              "optim.iterations": 3, "optim.batch_size": 2, "optim.warmup": 1, "optim.milestones": "[]",
-              "eval.batch_size": 2, "run.num_workers": 1, "run.use_gpu": False, "run.cpus_per_worker": 1}
-    pretrain = tiny_pretrain_overrides(tmp_path, "tiny-pre", **{"optim.epochs": 1})
-    rc = main(["pretrain", *[f"--set={o}" for o in pretrain], "--then-detect", str(VOC_DETECT),
-               *[f"--detect-set={k}={v}" for k, v in shrink.items()]])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    assert "VOC07 AP50" in out and "(c4, norm bn)" in out
-
-    c = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    tests = c.get_experiment_by_name("tests").experiment_id
-    run = c.search_runs([tests], "tags.`mocoray.job` = 'detection'")[0]
-    assert run.info.run_name == "tiny-pre-detect" and run.info.status == "FINISHED"
-    pre_id = run.data.tags["mocoray.pretrain_run_id"]
-    assert c.get_run(pre_id).data.tags["mocoray.detection_run_id"] == run.info.run_id
+def test_pretrain_then_detect_on_a_voc_folder_with_the_paper_recipe_shrunk(digits_pretrain):
+    pre, uri, tmp = digits_pretrain["result"], digits_pretrain["uri"], digits_pretrain["tmp"]
+    assert "VOC07 AP50" in digits_pretrain["out"] and "(c4, norm bn)" in digits_pretrain["out"]
+    c = mlflow.MlflowClient(uri)
+    run = c.search_runs([c.get_experiment_by_name("digits-detect-test").experiment_id],
+                        "attributes.run_name = 'digits-det-pre-detect'")[0]
+    assert run.info.status == "FINISHED" and run.data.tags["mocoray.job"] == "detection"
+    assert run.data.tags["mocoray.pretrain_run_id"] == pre.mlflow_run_id
+    assert digits_pretrain["detection_link"] == run.info.run_id  # the pretraining run's link, then
     m = run.data.metrics
     assert {"VOC07_AP50", "VOC07_AP", "VOC07_AP75", "AP", "AP50", "AP75"} <= set(m)
+    # training: 4 listed images, one without its annotation file, one left empty without its difficult dog
     assert m["annotations.train.images"] == 3 and m["annotations.train.images_unreadable_annotation"] == 1
-    assert m["annotations.train.boxes_flagged_dropped"] == 1 and m["annotations.train.boxes_clipped"] == 3
+    assert m["annotations.train.boxes_flagged_dropped"] == 1 and m["annotations.train.images_empty_dropped"] == 1
+    assert m["annotations.train.boxes_clipped"] == 3  # each cat reaches out of its 40 x 30 image
     assert m["annotations.val.images"] == 2 and m["annotations.val.boxes"] == 2  # difficult kept (metric)
     assert run.data.params["model.layout"] == "c4" and run.data.params["model.norm_effective"] == "bn"
-    assert (tmp_path / "runs" / "tiny-pre-detect").is_dir()  # next to its pretraining run
+    assert (tmp / "runs" / "digits-det-pre-detect").is_dir()  # next to its pretraining run
 
 
 def test_export_in_detectron2_layout_from_the_command_line(tmp_path, capsys):
@@ -420,8 +429,6 @@ def test_export_in_detectron2_layout_from_the_command_line(tmp_path, capsys):
     assert not any(k.startswith("fc") for k in payload["model"])  # the MoCo head is not backbone
 
     backbone = tmp_path / "small.pt"
-    from mocoray.core.backbones import build_backbone
-
     torch.save(build_backbone("small_resnet")[0].state_dict(), backbone)
     assert main(["export", str(backbone), "--format", "detectron2", str(tmp_path / "x.pkl")]) == 2
     assert "small_resnet has no detectron2 counterpart" in capsys.readouterr().err
