@@ -125,6 +125,20 @@ def load_training_checkpoint(directory: str | Path, rank: int) -> dict[str, Any]
     return out
 
 
+def restore_training_checkpoint(directory: str | Path, rank: int, model: torch.nn.Module, optimizer, scaler
+                                ) -> dict[str, Any]:
+    """Load a training checkpoint into `model`, `optimizer`, `scaler` and this rank's RNG states (when the
+    checkpoint has this rank's); returns the loop's own state (`train_state.pt`)."""
+    saved = load_training_checkpoint(directory, rank)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if saved["scaler"]:
+        scaler.load_state_dict(saved["scaler"])
+    if saved["rng"] is not None:
+        set_rng_state(saved["rng"])
+    return saved["train_state"]
+
+
 def read_meta(directory: str) -> dict[str, Any]:
     return storage.read_json(storage.join(directory, "meta.json"))
 

@@ -1,4 +1,4 @@
-"""The `mocoray` command: pretrain, linear-eval, compare, sweep, export, register, submit, make-parquet."""
+"""The `mocoray` command: pretrain, linear-eval, detect, compare, sweep, export, register, submit, make-parquet."""
 
 from __future__ import annotations
 
@@ -17,6 +17,21 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set moco.queue_size=4096 (repeatable)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+
+
+def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+    """Recipe, --set, and where the encoder comes from: what the downstream jobs (linear-eval, detect) take."""
+    _add_config_args(p)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--pretrain-run", default=None, metavar="RUN_ID",
+                        help="MLflow run id of a pretraining run: uses its final checkpoint")
+    source.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="checkpoint dir, exported backbone .pt or official MoCo .pth.tar (path or URL), "
+                             "or a registered encoder: models:/NAME@ALIAS, models:/NAME/VERSION")
+    source.add_argument("--random-init", action="store_true", help="a random-init backbone (the baseline)")
+    p.add_argument("--arch", default=None, help="backbone architecture, for files without meta.json")
+    p.add_argument("--resume", action="store_true", help="continue the run with the same run.name and storage")
+    p.add_argument("--print-config", action="store_true", help="print the validated config and exit")
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -47,9 +62,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if res.unsent_metrics:
         print(f"unsent:      {res.unsent_metrics}: what the MLflow server never took (it did not answer at the "
               "end); the run stays RUNNING there")
-    if args.then_linear_eval:
-        return _chain_linear_eval(args, res)
-    return 0
+    rc = _chain_linear_eval(args, res) if args.then_linear_eval else 0
+    if args.then_detect and rc == 0:
+        rc = _chain_detect(args, res)
+    return rc
 
 
 def _print_config(cfg) -> int:
@@ -59,51 +75,104 @@ def _print_config(cfg) -> int:
     return 0
 
 
-def _chain_linear_eval(args: argparse.Namespace, res) -> int:
-    """`pretrain --then-linear-eval RECIPE`: evaluate the run that just finished, in its MLflow experiment."""
-    from .config import load_linear_config
-
-    storage_path, name = res.run_dir.rstrip("/").rsplit("/", 1)  # the linear run goes next to its pretraining run
-    values = {"run.name": name + "-linear", "run.storage_path": storage_path}
+def _downstream_values(res, suffix: str) -> dict:
+    """Config values of a job chained after pretraining run `res`: its encoder, and a run named
+    `<run.name>-<suffix>` stored next to it (in its MLflow experiment, when it was tracked)."""
+    storage_path, name = res.run_dir.rstrip("/").rsplit("/", 1)
+    values = {"run.name": f"{name}-{suffix}", "run.storage_path": storage_path}
     if res.mlflow_run_id:
         values.update({"encoder.pretrain_run": res.mlflow_run_id, "tracking.tracking_uri": res.tracking_uri})
     else:
         values.update({"encoder.checkpoint": res.checkpoint, "tracking.enabled": False})
-    cfg = load_linear_config(args.then_linear_eval, args.linear_overrides, values)
+    return values
+
+
+def _chain_linear_eval(args: argparse.Namespace, res) -> int:
+    """`pretrain --then-linear-eval RECIPE`: evaluate the run that just finished, in its MLflow experiment."""
+    from .config import load_linear_config
+
+    cfg = load_linear_config(args.then_linear_eval, args.linear_overrides, _downstream_values(res, "linear"))
     return _linear_eval(cfg, args.address)
 
 
-def _linear_eval(cfg, address: str | None, resume: bool = False) -> int:
-    from .jobs.linear import LinearEvalFailed, run_linear_eval
+def _chain_detect(args: argparse.Namespace, res) -> int:
+    """`pretrain --then-detect RECIPE`: detection transfer of the run that just finished."""
+    from .config import load_detect_config
 
+    cfg = load_detect_config(args.then_detect, args.detect_overrides, _downstream_values(res, "detect"))
+    return _detect(cfg, args.address)
+
+
+def _downstream(command: str, run, failed: type[Exception], cfg, address: str | None, resume: bool,
+                result_line) -> int:
+    """Run a job on an encoder (`run(cfg, address=, resume=)`, raising `failed` when it does not complete) and
+    print where its results are; `result_line(result)` says what it measured."""
     try:
-        res = run_linear_eval(cfg, address=address, resume=resume)
-    except LinearEvalFailed as err:
-        print(f"mocoray linear-eval: {err}", file=sys.stderr)
-        return err.exit_code
+        res = run(cfg, address=address, resume=resume)
+    except failed as err:
+        print(f"mocoray {command}: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 1)  # 130 / 143 after an interrupt
     except (LookupError, ValueError) as err:  # unknown run, unusable checkpoint, wrong architecture
-        print(f"mocoray linear-eval: {err}", file=sys.stderr)
+        print(f"mocoray {command}: {err}", file=sys.stderr)
         return 2
-    m = res.metrics
     print(f"\nencoder:     {res.encoder.label} ({res.encoder.arch})\nrun dir:     {res.run_dir}\n"
           f"checkpoint:  {res.checkpoint}")
-    print(f"linear top-1 {m['linear_top1']:.4f}  top-5 {m['linear_top5']:.4f} after {m['epoch']} epochs "
-          f"({cfg.linear.mode} protocol; backbone unchanged)")
+    print(result_line(res))
     if res.mlflow_run_id:
         link = f", pretraining run {res.encoder.pretrain_run_id}" if res.encoder.pretrain_run_id else ""
         print(f"MLflow run:  {res.mlflow_run_id} at {res.tracking_uri}{link}")
     return 0
 
 
+def _linear_eval(cfg, address: str | None, resume: bool = False) -> int:
+    from .jobs.linear import LinearEvalFailed, run_linear_eval
+
+    def result_line(res) -> str:
+        m = res.metrics
+        return (f"linear top-1 {m['linear_top1']:.4f}  top-5 {m['linear_top5']:.4f} after {m['epoch']} epochs "
+                f"({cfg.linear.mode} protocol; backbone unchanged)")
+
+    return _downstream("linear-eval", run_linear_eval, LinearEvalFailed, cfg, address, resume, result_line)
+
+
+def _encoder_flags(args: argparse.Namespace) -> dict:
+    """The encoder source flags (see `_add_encoder_args`) as config values; unset flags left out."""
+    flags = {"encoder.pretrain_run": args.pretrain_run, "encoder.checkpoint": args.checkpoint,
+             "encoder.random_init": args.random_init or None, "encoder.arch": args.arch}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
 def _cmd_linear_eval(args: argparse.Namespace) -> int:
     from .config import load_linear_config
 
-    flags = {"encoder.pretrain_run": args.pretrain_run, "encoder.checkpoint": args.checkpoint,
-             "encoder.random_init": args.random_init or None, "encoder.arch": args.arch}
-    cfg = load_linear_config(args.recipe, args.overrides, {k: v for k, v in flags.items() if v is not None})
+    cfg = load_linear_config(args.recipe, args.overrides, _encoder_flags(args))
     if args.print_config:
         return _print_config(cfg)
     return _linear_eval(cfg, args.address, args.resume)
+
+
+def _detect(cfg, address: str | None, resume: bool = False) -> int:
+    from .jobs.detect import DetectionFailed, run_detection
+
+    def result_line(res) -> str:
+        m = res.metrics
+        voc = f"  (VOC07 AP50 {m['VOC07_AP50']:.4f})" if "VOC07_AP50" in m else ""
+        return (f"AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}{voc} after {m['global_step']} "
+                f"iterations ({cfg.model.layout}, norm {cfg.model.effective_norm(cfg.run)})")
+
+    return _downstream("detect", run_detection, DetectionFailed, cfg, address, resume, result_line)
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from .config import load_detect_config
+    from .config.detect import DEFAULT_RECIPE
+
+    cfg = load_detect_config(args.recipe or DEFAULT_RECIPE, args.overrides, _encoder_flags(args))
+    if args.print_config:
+        print(f"# model.norm {cfg.model.norm} resolves to {cfg.model.effective_norm(cfg.run)} "
+              f"(run.use_gpu={cfg.run.use_gpu}, run.num_workers={cfg.run.num_workers})")
+        return _print_config(cfg)
+    return _detect(cfg, args.address, args.resume)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -159,7 +228,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .config import TrackingConfig
     from .config.linear import EncoderConfig
-    from .encoders import export_backbone, resolve_encoder, weights_path
+    from .encoders import backbone_state_dict, export_backbone, resolve_encoder, weights_path
     from .tracking_artifacts import is_artifact_uri
 
     if len(args.paths) != (1 if args.pretrain_run else 2):
@@ -174,6 +243,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
         except (LookupError, ValueError) as err:
             print(f"mocoray export: {err}", file=sys.stderr)
             return 2
+    if args.format == "detectron2":
+        from .detectron2_export import save_detectron2
+
+        try:
+            payload = save_detectron2(backbone_state_dict(weights), out)  # type: ignore[arg-type]
+        except ValueError as err:  # small_resnet / CIFAR stem: no detectron2 counterpart
+            print(f"mocoray export: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {len(payload['model'])} backbone tensors in detectron2's layout to {out}")
+        return 0
     state = export_backbone(weights, out)  # type: ignore[arg-type]
     print(f"wrote {len(state)} backbone tensors to {out}")
     return 0
@@ -272,21 +351,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after pretraining, run the linear evaluation recipe on the final checkpoint")
     p.add_argument("--linear-set", dest="linear_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override for the chained linear evaluation, e.g. --linear-set optim.epochs=10")
+    p.add_argument("--then-detect", metavar="RECIPE", default=None,
+                   help="after pretraining (and the linear evaluation, if any), run the detection recipe on "
+                        "the final checkpoint")
+    p.add_argument("--detect-set", dest="detect_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the chained detection transfer, e.g. --detect-set optim.iterations=500")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("linear-eval", help="linear protocol on a frozen backbone (Ray Train)")
-    _add_config_args(p)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--pretrain-run", default=None, metavar="RUN_ID",
-                        help="MLflow run id of a pretraining run: evaluates its final checkpoint")
-    source.add_argument("--checkpoint", default=None, metavar="PATH",
-                        help="checkpoint dir, exported backbone .pt or official MoCo .pth.tar (path or URL), "
-                             "or a registered encoder: models:/NAME@ALIAS, models:/NAME/VERSION")
-    source.add_argument("--random-init", action="store_true", help="a random-init backbone (the baseline)")
-    p.add_argument("--arch", default=None, help="backbone architecture, for files without meta.json")
-    p.add_argument("--resume", action="store_true", help="continue the run with the same run.name and storage")
-    p.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    _add_encoder_args(p)
     p.set_defaults(func=_cmd_linear_eval)
+
+    p = sub.add_parser("detect", help="detection transfer: Faster R-CNN (C4 / FPN) from an encoder (Ray Train)")
+    _add_encoder_args(p)
+    p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser("compare", help="table of pretraining runs joined with their kNN, linear and detection results")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: all experiments)")
@@ -321,13 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override for those linear evaluations, e.g. --linear-set optim.epochs=10")
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("export", help="write a checkpoint's query backbone as a plain torchvision state_dict")
+    p = sub.add_parser("export", help="write a checkpoint's query backbone as a plain torchvision state_dict "
+                                      "(or in detectron2's layout)")
     p.add_argument("paths", nargs="+", metavar="[CHECKPOINT] OUT",
                    help="checkpoint directory or file (local or URL), models:/NAME@ALIAS or models:/NAME/VERSION; "
-                        "then the output .pt path (local or URL)")
+                        "then the output path (local or URL): .pt, or .pkl for --format detectron2")
     p.add_argument("--pretrain-run", default=None, metavar="RUN_ID",
                    help="instead of CHECKPOINT: a pretraining run (its checkpoint, else its encoder artifact)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument("--format", choices=["torchvision", "detectron2"], default="torchvision",
+                   help="torchvision: a plain state_dict (default); detectron2: the weights pickle MoCo's "
+                        "converter writes (stem / res2..res5 names), for moco/detection configs")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("register", help="register a pretraining run's encoder in the MLflow Model Registry")

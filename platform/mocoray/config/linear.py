@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -80,18 +80,13 @@ class LinearOptimConfig(SGDConfig):
     weight_decay: float = Field(0.0, ge=0.0)
 
 
-class LinearConfig(Section):
-    encoder: EncoderConfig
-    data: DataConfig = Field(default_factory=DataConfig)
-    linear: LinearProtocolConfig = Field(default_factory=LinearProtocolConfig)
-    optim: LinearOptimConfig = Field(default_factory=LinearOptimConfig)
-    run: RunConfig = Field(default_factory=lambda: RunConfig(name="linear"))
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+class DownstreamConfig(Section):
+    """What the configs of jobs downstream of pretraining share (they declare `run` and `tracking` too): the
+    encoder source, a missing one explained, a run name of their own, the pretraining run's MLflow experiment
+    unless the config names one."""
 
-    field_hints = {
-        "data.crop_min_scale": "a pretraining augmentation field; the linear protocol's crop is linear.crop_min_scale",
-        "data.blur": "a pretraining augmentation field; the linear protocol has no blur",
-    }
+    encoder: EncoderConfig
+    default_run_name: ClassVar[str] = "downstream"
 
     @model_validator(mode="before")
     @classmethod
@@ -99,21 +94,35 @@ class LinearConfig(Section):
         if not isinstance(data, dict):
             return data
         data = {"encoder": {}, **data}  # a missing source gets EncoderConfig's explanation, not "field required"
-        # RunConfig's own default name is the pretraining one; a linear run should not collide with it.
+        # RunConfig's own default name is the pretraining one; a downstream run should not collide with it.
         run = data.get("run") or {}
         if isinstance(run, dict) and "name" not in run:
-            data["run"] = {**run, "name": "linear"}
+            data["run"] = {**run, "name": cls.default_run_name}
         return data
+
+    @property
+    def experiment_given(self) -> bool:
+        """True when the config names the MLflow experiment (else: the pretraining run's experiment)."""
+        return "experiment" in self.tracking.model_fields_set  # type: ignore[attr-defined]
+
+
+class LinearConfig(DownstreamConfig):
+    data: DataConfig = Field(default_factory=DataConfig)
+    linear: LinearProtocolConfig = Field(default_factory=LinearProtocolConfig)
+    optim: LinearOptimConfig = Field(default_factory=LinearOptimConfig)
+    run: RunConfig = Field(default_factory=lambda: RunConfig(name="linear"))
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    default_run_name = "linear"
+    field_hints = {
+        "data.crop_min_scale": "a pretraining augmentation field; the linear protocol's crop is linear.crop_min_scale",
+        "data.blur": "a pretraining augmentation field; the linear protocol has no blur",
+    }
 
     @model_validator(mode="after")
     def _consistent(self) -> LinearConfig:
         self.optim.check_batch_divides(self.run.num_workers)
         return self
-
-    @property
-    def experiment_given(self) -> bool:
-        """True when the config names the MLflow experiment (else: the pretraining run's experiment)."""
-        return "experiment" in self.tracking.model_fields_set
 
 
 def load_linear_config(

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .moco import NonFiniteLossError, count_nonfinite_ranks
@@ -126,3 +127,23 @@ def evaluate(
                                      for k, v in out.items()}
             ground_truth[image_id] = target
     return predictions, ground_truth
+
+
+def gather_on_rank0(
+    predictions: dict[int, dict], ground_truth: dict[int, dict]
+) -> tuple[dict[int, dict], dict[int, dict]] | None:
+    """Every rank's `evaluate` output merged on rank 0 (None on the other ranks; the dicts themselves on
+    one process). Merging by image id drops the duplicates a DistributedSampler pads with."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return predictions, ground_truth
+    rank = dist.get_rank()
+    parts: list | None = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object((predictions, ground_truth), parts, dst=0)
+    if parts is None:
+        return None
+    merged_predictions: dict[int, dict] = {}
+    merged_truth: dict[int, dict] = {}
+    for part_predictions, part_truth in parts:
+        merged_predictions.update(part_predictions)
+        merged_truth.update(part_truth)
+    return merged_predictions, merged_truth

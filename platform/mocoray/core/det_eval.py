@@ -14,9 +14,10 @@ no object to find at all.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -35,6 +36,19 @@ def _check_ids(ground_truth: Mapping, predictions: Mapping) -> None:
     extra = sorted(set(predictions) - set(ground_truth))
     if extra:
         raise ValueError(f"predictions for {len(extra)} image ids without ground truth (first: {extra[:5]})")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No output from pycocotools (progress lines, its summary table), also where `print` itself has been
+    replaced: Ray Train's workers log every print call, redirected or not."""
+    saved = builtins.print
+    builtins.print = lambda *args, **kwargs: None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        builtins.print = saved
 
 
 def _xywh(boxes: torch.Tensor) -> list[list[float]]:
@@ -69,7 +83,7 @@ def coco_metrics(ground_truth: Mapping[int, Mapping], predictions: Mapping[int, 
         return {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")}
     if not results:
         return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and its summary table
+    with _quiet():
         gt = COCO()
         gt.dataset = {"images": [{"id": int(i)} for i in ground_truth], "annotations": annotations,
                       "categories": [{"id": c} for c in sorted(categories)]}

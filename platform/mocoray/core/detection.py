@@ -46,7 +46,7 @@ LAYOUTS = ("c4", "fpn")
 NORMS = ("frozen", "bn", "syncbn")
 PAPER_ANCHOR_SIZES = (32, 64, 128, 256, 512)
 PREFIXES_ATTR = "encoder_prefixes"  # set on the detector: [(encoder key prefix, detector key prefix)]
-_FASTER_RCNN_OPTIONS = set(inspect.signature(FasterRCNN.__init__).parameters) - {
+FASTER_RCNN_OPTIONS = set(inspect.signature(FasterRCNN.__init__).parameters) - {
     "self", "backbone", "num_classes", "min_size", "max_size", "image_mean", "image_std",
     "rpn_anchor_generator", "rpn_head", "box_roi_pool", "box_head", "box_predictor", "kwargs",
 }
@@ -152,9 +152,9 @@ def build_detector(
                          "use norm='bn' on CPU or with a single process")
     if num_classes < 1:
         raise ValueError(f"num_classes={num_classes} must be at least 1 (background is added)")
-    unknown = sorted(set(rcnn_options) - _FASTER_RCNN_OPTIONS)
+    unknown = sorted(set(rcnn_options) - FASTER_RCNN_OPTIONS)
     if unknown:
-        allowed = ", ".join(sorted(_FASTER_RCNN_OPTIONS))
+        allowed = ", ".join(sorted(FASTER_RCNN_OPTIONS))
         raise ValueError(f"unknown detector options {unknown}; allowed: {allowed}")
     stages = encoder_stages(build_backbone(arch, cifar_stem)[0])
     if not 0 <= frozen_stages <= len(stages):

@@ -71,11 +71,13 @@ def build_pretrain_data(cfg: DataConfig) -> PretrainData:
     return PretrainData(train=train, knn_bank=bank, knn_val=val, num_classes=num_classes, image_size=cfg.image_size)
 
 
-def check_paths(cfg: DataConfig) -> None:
-    """Fail fast, on the driver, when a configured dataset path does not exist (names the field)."""
+def check_paths(cfg: DataConfig, fields: tuple[str, ...] = ("root", "val_root")) -> None:
+    """Fail fast, on the driver, when a configured dataset path does not exist (names the field).
+
+    `fields`: the config's path fields (a detection config adds its annotation files)."""
     import fsspec
 
-    for field in ("root", "val_root"):
+    for field in fields:
         value = getattr(cfg, field)
         if not value or any(ch in value for ch in "*?["):  # globs are resolved by the dataset itself
             continue

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .. import __version__
 from ..checkpoints import load_training_checkpoint, save_training_checkpoint
-from ..config import LinearConfig, dump_yaml, flatten, load_linear_config
+from ..config import LinearConfig, dump_yaml, load_linear_config
 from ..core.amp import autocast
 from ..core.augment import AugmentSpec, BatchAugment, normalize_batch
 from ..core.distributed import all_reduce_sum, rank_world
@@ -46,19 +46,15 @@ from ..logreg import fit_logreg
 from ..registry import tag_versions_with_results
 from ..table import render_table
 from ..tracking import (
-    CHECKPOINT_TAG,
-    JOB_TAG,
-    PRETRAIN_RUN_TAG,
-    RUN_DIR_TAG,
     STATUS_TAG,
     MetricLogger,
     resolve_tracking_uri,
     safely,
-    start_run,
 )
 from ..tracking_artifacts import log_environment, record_job_start
 from . import interrupts, runtime
 from .calibration import recompute_bn_on_images
+from .downstream import link_back, open_downstream_run
 from .faults import Faults
 from .preflight import check_linear_inputs
 
@@ -482,18 +478,8 @@ class LinearResult:
 
 
 def _open_mlflow_run(cfg: LinearConfig, encoder: EncoderSource, run_dir: str, uri: str) -> str:
-    experiment = (encoder.pretrain_experiment if encoder.pretrain_experiment and not cfg.experiment_given
-                  else cfg.tracking.experiment)
-    params = flatten(cfg.model_dump(mode="json"))
-    params.update({"encoder.arch": encoder.arch, "encoder.cifar_stem": encoder.cifar_stem,
-                   "encoder.checkpoint": encoder.label})
-    tags = {JOB_TAG: "linear", CHECKPOINT_TAG: encoder.label, RUN_DIR_TAG: run_dir,
-            "mocoray.linear_mode": cfg.linear.mode}
-    if encoder.pretrain_run_id:
-        tags[PRETRAIN_RUN_TAG] = encoder.pretrain_run_id
-        tags["mlflow.note.content"] = (f"Linear evaluation ({cfg.linear.mode}) of pretraining run "
-                                       f"`{encoder.pretrain_run_id}`, checkpoint `{encoder.label}`.")
-    return start_run(uri, experiment, cfg.run.name, params, tags, run_key=run_dir)
+    return open_downstream_run(uri, cfg, encoder, run_dir, "linear", f"Linear evaluation ({cfg.linear.mode})",
+                               tags={"mocoray.linear_mode": cfg.linear.mode})
 
 
 def run_linear_eval(cfg: LinearConfig, address: str | None = None, resume: bool = False,
@@ -556,8 +542,7 @@ def _fit(job: runtime.JobRun, cfg: LinearConfig, encoder: EncoderSource, faults:
     if job.mlflow_run_id:
         final = {"linear_top1_final": status["linear_top1"], "linear_top5_final": status["linear_top5"]}
         MetricLogger(job.tracking_uri, job.mlflow_run_id).metrics(final, step=status["epoch"])
-        if encoder.pretrain_run_id:  # the link back, for people browsing the pretraining run
-            MetricLogger(job.tracking_uri, encoder.pretrain_run_id).tags({LINEAR_RUN_TAG: job.mlflow_run_id})
+        link_back(job, encoder, LINEAR_RUN_TAG)
     tags = {STATUS_TAG: "completed"}
     if checkpoint:
         tags[FC_CHECKPOINT_TAG] = checkpoint

@@ -26,10 +26,9 @@ from ..checkpoints import (
     checkpoint_dir_name,
     checkpoint_epoch,
     checkpoint_position,
-    load_training_checkpoint,
     newest_complete_checkpoint,
+    restore_training_checkpoint,
     save_training_checkpoint,
-    set_rng_state,
 )
 from ..config import PretrainConfig, dump_yaml, flatten
 from ..core.amp import AMP_DTYPES
@@ -363,14 +362,7 @@ def starting_checkpoint(loop_config: dict[str, Any]) -> tuple[Any, bool]:
 
 def restore(checkpoint, model, optimizer, scaler, rank: int) -> TrainState:
     with checkpoint.as_directory() as ckpt_dir:
-        saved = load_training_checkpoint(ckpt_dir, rank)
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    if saved["scaler"]:
-        scaler.load_state_dict(saved["scaler"])
-    if saved["rng"] is not None:
-        set_rng_state(saved["rng"])
-    return TrainState(**saved["train_state"])
+        return TrainState(**restore_training_checkpoint(ckpt_dir, rank, model, optimizer, scaler))
 
 
 def check_same_queue(model: torch.nn.Module) -> None:

@@ -10,7 +10,7 @@ from .base import (
 )
 from .coco import coco_detection
 from .digits import ScatteredDigitsDet, scattered_digits_det
-from .voc import PAPER_TEST_SETS, PAPER_TRAIN_SETS, VOC_CLASSES, voc_detection
+from .voc import PAPER_TEST_SETS, PAPER_TRAIN_SETS, VOC_CLASSES, check_voc_sets, voc_detection
 
 __all__ = [
     "PAPER_TEST_SETS",
@@ -21,6 +21,7 @@ __all__ = [
     "RandomHorizontalFlip",
     "ScatteredDigitsDet",
     "Target",
+    "check_voc_sets",
     "coco_detection",
     "collate_detection",
     "make_target",

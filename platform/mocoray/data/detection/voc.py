@@ -174,3 +174,11 @@ def voc_detection(
     names = ", ".join(dict.fromkeys(source for _, source, _ in jobs))
     kept = finish_records(records, counts, skip_empty, f"{field}: {root} ({names})")
     return FileDetections(fs, kept, classes, counts, transform)
+
+
+def check_voc_sets(root: str, sets: Sequence[str | Sequence[str]], field: str = "data.root") -> None:
+    """Fail fast (on a job's driver) when a year folder or split file of `sets` is missing or a split is
+    empty: the same errors `voc_detection` raises, without reading any annotation."""
+    fs, base = resolve(root, field)
+    for year, split in parse_sets(sets, field):
+        _split_ids(fs, _year_folder(fs, base, root, year, field), year, split, field)
