@@ -21,8 +21,10 @@ from .files import IMAGE_EXTENSIONS, display, find_classes
 
 if TYPE_CHECKING:
     from ..config import DataConfig
+    from ..config.detect import DetectDataConfig
 
 DIGEST_CHARS = 16
+JSON_HEAD_BYTES = 1 << 20  # a COCO instances file is hashed by its size and first MiB, not read whole
 CIFAR_IMAGES = {"train": 50_000, "val": 10_000}  # both CIFARs: 5 x 10,000 (or one 50,000) train, 10,000 test
 STL10_IMAGE_BYTES = 3 * 96 * 96
 
@@ -143,13 +145,66 @@ def _splits(cfg: DataConfig, pretraining: bool) -> dict[str, tuple[int, list, st
 def dataset_records(cfg: DataConfig, pretraining: bool = False) -> list[DatasetRecord]:
     """The train and val splits a job reads, as records (the train split of pretraining on STL-10
     includes the unlabeled images; `data.max_images` caps the train split)."""
+    return _as_records(cfg.name, _splits(cfg, pretraining), {"train": cfg.max_images})
+
+
+def _as_records(name: str, splits: dict[str, tuple[int, list, str, str]], caps: dict[str, int | None]
+                ) -> list[DatasetRecord]:
+    """Records of `splits` (see `_splits`); a split capped below its size (`caps`) has the cap in its digest."""
     records = []
-    for split, (count, covered, source, source_type) in _splits(cfg, pretraining).items():
+    for split, (count, covered, source, source_type) in splits.items():
+        cap = caps.get(split)
         profile: dict[str, Any] = {"num_images": count}
-        if split == "train" and cfg.max_images is not None and cfg.max_images < count:
-            profile = {"num_images": cfg.max_images, "max_images": cfg.max_images, "images_available": count}
-            covered = [covered, {"max_images": cfg.max_images}]
-        records.append(DatasetRecord(name=f"{cfg.name}/{split}", split=split, source=source,
-                                     source_type=source_type, num_images=profile["num_images"],
-                                     digest=digest_of([cfg.name, covered]), profile=profile))
+        if cap is not None and cap < count:
+            profile = {"num_images": cap, "max_images": cap, "images_available": count}
+            covered = [covered, {"max_images": cap}]
+        records.append(DatasetRecord(name=f"{name}/{split}", split=split, source=source, source_type=source_type,
+                                     num_images=profile["num_images"], digest=digest_of([name, covered]),
+                                     profile=profile))
     return records
+
+
+# ---------------------------------------------------------------------------------------------------
+# Detection datasets
+
+
+def _voc_split(root: str, sets: list[str], field: str) -> tuple[int, list, str, str]:
+    """The image ids of each VOC set (from its split file; annotations are not read)."""
+    from .detection.voc import voc_split_ids
+    from .files import resolve
+
+    fs, _base = resolve(root, field)
+    lists = voc_split_ids(root, sets, field)
+    covered = [(year, split, len(ids), digest_of(ids)) for year, split, ids in lists]
+    return sum(len(ids) for _y, _s, ids in lists), covered, root, _source_type(fs)
+
+
+def _coco_split(images: str, annotations: str, field: str) -> tuple[int, list, str, str]:
+    """The image files (names and sizes) and the instances file's size and first MiB."""
+    from .files import resolve
+
+    fs, folder = resolve(images, field)
+    found = fs.find(folder, detail=True)
+    files = sorted((posixpath.relpath(p, folder), int(info.get("size") or 0)) for p, info in found.items()
+                   if p.lower().endswith(IMAGE_EXTENSIONS))
+    fs_json, path = resolve(annotations, field.replace("root", "annotations"))
+    with fs_json.open(path, "rb") as f:
+        head = hashlib.sha256(f.read(JSON_HEAD_BYTES)).hexdigest()[:DIGEST_CHARS]
+    return len(files), [files, posixpath.basename(path), int(fs_json.size(path)), head], images, _source_type(fs)
+
+
+def detection_records(cfg: DetectDataConfig) -> list[DatasetRecord]:
+    """The train and val splits of a detection job, as records (see `dataset_records`)."""
+    if cfg.name == "voc":
+        splits = {"train": _voc_split(cfg.root, cfg.train_sets, "data.root"),  # type: ignore[arg-type]
+                  "val": _voc_split(cfg.val_root or cfg.root, cfg.val_sets,  # type: ignore[arg-type]
+                                    "data.val_root" if cfg.val_root else "data.root")}
+    elif cfg.name == "coco":
+        splits = {"train": _coco_split(cfg.root, cfg.annotations, "data.root"),  # type: ignore[arg-type]
+                  "val": _coco_split(cfg.val_root, cfg.val_annotations, "data.val_root")}  # type: ignore[arg-type]
+    else:
+        params = {"canvas_size": cfg.canvas_size, "max_digits": cfg.max_digits}
+        generator = "mocoray.data.detection.digits.scattered_digits_det"
+        splits = {split: (n, [split, n, params], generator, "code")
+                  for split, n in (("train", cfg.train_canvases), ("val", cfg.val_canvases))}
+    return _as_records(cfg.name, splits, {"train": cfg.max_images, "val": cfg.max_val_images})

@@ -47,10 +47,13 @@ from ..data.detection import (
     scattered_digits_det,
     voc_detection,
 )
-from ..encoders import EncoderSource, backbone_state_dict, resolve_encoder
-from ..tracking import STATUS_TAG, MetricLogger, resolve_tracking_uri
-from . import runtime
-from .downstream import link_back, open_downstream_run
+from ..data.fingerprint import detection_records
+from ..encoders import EncoderSource, backbone_state_dict, resolve_encoder, weights_path
+from ..registry import tag_versions_with_results
+from ..tracking import STATUS_TAG, MetricLogger, safely
+from ..tracking_artifacts import log_environment
+from . import interrupts, runtime
+from .downstream import downstream_trainer, link_back, open_downstream_run, run_guarded
 from .faults import Faults
 
 DETECTION_RUN_TAG = "mocoray.detection_run_id"  # set on the pretraining run: its newest detection transfer
@@ -112,7 +115,7 @@ def build_model(cfg: DetectConfig, encoder: EncoderSource, num_classes: int, nor
         roi_size=m.roi_size, fpn_channels=m.fpn_channels, representation_size=m.representation_size, **m.rcnn,
     )
     if encoder.source is not None:
-        load_encoder_backbone(detector, backbone_state_dict(encoder.source))
+        load_encoder_backbone(detector, backbone_state_dict(weights_path(encoder)))
     return detector
 
 
@@ -246,6 +249,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger = None
     if rank == 0:
         logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"))
+        log_environment(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"), world, device)
     if state.global_step == 0:
         if logger:
             _log_start(logger, train_set, val_set, cfg, encoder, norm, world, steps_per_epoch, total)
@@ -352,16 +356,19 @@ def run_detection(cfg: DetectConfig, address: str | None = None, resume: bool = 
     # build once here, on plain BN (SyncBatchNorm needs the GPU workers): a checkpoint of another
     # architecture, or detector options that do not fit it, fail before Ray starts
     build_model(cfg, encoder, num_classes=1, norm="bn")
-    job = runtime.start_job(cfg.run, resume, DetectionFailed)
-    if cfg.tracking.enabled:
-        uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-        job.open_tracking(uri, _open_mlflow_run, cfg, encoder, job.run_dir, uri)
+    return run_guarded(cfg.run, resume, address, DetectionFailed,
+                       lambda job: _fit(job, cfg, encoder, faults or Faults(), resume))
 
-    runtime.init_ray(address)
-    loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), encoder=asdict(encoder),
-                                  faults=(faults or Faults()).to_dict())
-    trainer = runtime.make_torch_trainer(train_loop_per_worker, loop_config, cfg.run, job.storage_path)
-    result = job.fit(trainer, DetectionFailed, f"detection run {cfg.run.name!r}")
+
+def _fit(job: runtime.JobRun, cfg: DetectConfig, encoder: EncoderSource, faults: Faults, resume: bool
+         ) -> DetectionResult:
+    try:
+        result = interrupts.fit(downstream_trainer(job, cfg, encoder, faults, _open_mlflow_run,
+                                                   lambda: detection_records(cfg.data), train_loop_per_worker))
+    except Exception as err:  # nothing to resume unless a checkpoint was written
+        job.end_tracking("FAILED", {STATUS_TAG: "failed"})
+        job.free_name_unless_checkpointed(resume)
+        raise DetectionFailed(f"detection run {cfg.run.name!r} failed: {err}") from err
 
     status = job.status() or {"status": "unknown"}
     checkpoint = runtime.checkpoint_url(result, job.storage_path)
@@ -381,4 +388,6 @@ def run_detection(cfg: DetectConfig, address: str | None = None, resume: bool = 
         raise DetectionFailed(f"detection run {cfg.run.name!r} ended with status {status['status']!r}", out)
     link_back(job, encoder, DETECTION_RUN_TAG)
     job.end_tracking("FINISHED", tags)
+    if job.mlflow_run_id and encoder.pretrain_run_id:  # registered versions of the encoder show the new AP
+        safely("tagging registered versions", tag_versions_with_results, job.tracking_uri, encoder.pretrain_run_id)
     return out

@@ -3,10 +3,54 @@ opened in the pretraining run's experiment with the lineage tags, and the link b
 
 from __future__ import annotations
 
-from ..config import flatten
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import TypeVar
+
+from ..config import dump_yaml, flatten
+from ..config.common import RunConfig
 from ..encoders import EncoderSource
-from ..tracking import CHECKPOINT_TAG, JOB_TAG, PRETRAIN_RUN_TAG, RUN_DIR_TAG, MetricLogger, start_run
+from ..tracking import (
+    CHECKPOINT_TAG,
+    JOB_TAG,
+    PRETRAIN_RUN_TAG,
+    RUN_DIR_TAG,
+    MetricLogger,
+    resolve_tracking_uri,
+    start_run,
+)
+from ..tracking_artifacts import record_job_start
+from . import interrupts, runtime
 from .runtime import JobRun
+
+R = TypeVar("R")
+
+
+def run_guarded(run: RunConfig, resume: bool, address: str | None, failed: type[Exception],
+                fit: Callable[[JobRun], R]) -> R:
+    """The frame of a downstream job once its inputs are checked: refuse a clashing (or, resumed, a missing)
+    run name before Ray starts, reach Ray, create the run folder and call `fit(job)`. SIGINT / SIGTERM stop
+    the Ray job, mark the run interrupted (MLflow run KILLED) and raise `failed` with exit code 130 / 143;
+    a new run that wrote no checkpoint frees its name for the same command."""
+    try:
+        runtime.check_run_dir(runtime.run_dir_of(run), run.name, resume)
+    except (FileExistsError, FileNotFoundError) as err:
+        raise failed(str(err)) from None
+    runtime.init_ray(address)  # nothing is created before Ray is reached
+    with interrupts.signals_raise():
+        job = None
+        try:
+            job = JobRun.prepare(run, resume)
+            return fit(job)
+        except interrupts.JobInterrupted as sig:
+            interrupts.stop_ray()
+            if job is not None:
+                job.mark_interrupted(sig.name)
+                job.free_name_unless_checkpointed(resume)
+            err = failed(f"interrupted ({sig.name}): the Ray job is stopped; the same command with --resume "
+                         "continues from the last checkpoint, if one was written")
+            err.exit_code = sig.exit_code  # type: ignore[attr-defined]
+            raise err from None
 
 
 def open_downstream_run(uri: str, cfg, encoder: EncoderSource, run_dir: str, job: str, description: str,
@@ -31,3 +75,15 @@ def link_back(job: JobRun, encoder: EncoderSource, tag: str) -> None:
     """Tag the pretraining run with this run's id (`tag`), for people browsing the pretraining run."""
     if job.mlflow_run_id and encoder.pretrain_run_id:
         MetricLogger(job.tracking_uri, encoder.pretrain_run_id).tags({tag: job.mlflow_run_id})
+
+
+def downstream_trainer(job: JobRun, cfg, encoder: EncoderSource, faults, open_run: Callable[..., str],
+                       records: Callable[[], list], train_loop: Callable[[dict], None]):
+    """Open the job's MLflow run (`open_run(cfg, encoder, run_dir, uri)`) with its config, command line and
+    dataset `records` as the run's record, then make its Ray trainer."""
+    if cfg.tracking.enabled:
+        uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+        job.open_tracking(uri, open_run, cfg, encoder, job.run_dir, uri)
+        record_job_start(job.tracking_uri, job.mlflow_run_id, dump_yaml(cfg), records)
+    loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), encoder=asdict(encoder), faults=faults.to_dict())
+    return runtime.make_torch_trainer(train_loop, loop_config, cfg.run, job.storage_path)

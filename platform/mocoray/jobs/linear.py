@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .. import __version__
 from ..checkpoints import load_training_checkpoint, save_training_checkpoint
-from ..config import LinearConfig, dump_yaml, load_linear_config
+from ..config import LinearConfig, load_linear_config
 from ..core.amp import autocast
 from ..core.augment import AugmentSpec, BatchAugment, normalize_batch
 from ..core.distributed import all_reduce_sum, rank_world
@@ -48,13 +48,12 @@ from ..table import render_table
 from ..tracking import (
     STATUS_TAG,
     MetricLogger,
-    resolve_tracking_uri,
     safely,
 )
-from ..tracking_artifacts import log_environment, record_job_start
+from ..tracking_artifacts import log_environment
 from . import interrupts, runtime
 from .calibration import recompute_bn_on_images
-from .downstream import link_back, open_downstream_run
+from .downstream import downstream_trainer, link_back, open_downstream_run, run_guarded
 from .faults import Faults
 from .preflight import check_linear_inputs
 
@@ -496,36 +495,13 @@ def run_linear_eval(cfg: LinearConfig, address: str | None = None, resume: bool 
     build_frozen_backbone(encoder, cfg.run.seed)  # load once here: a bad file fails before Ray starts
     for warning in check_linear_inputs(cfg):
         print(f"[mocoray] warning: {warning}", file=sys.stderr)
-    try:
-        runtime.check_run_dir(runtime.run_dir_of(cfg.run), cfg.run.name, resume)
-    except (FileExistsError, FileNotFoundError) as err:
-        raise LinearEvalFailed(str(err)) from None
-
-    runtime.init_ray(address)  # nothing is created before Ray is reached
-    with interrupts.signals_raise():
-        job = None
-        try:
-            job = runtime.JobRun.prepare(cfg.run, resume)
-            return _fit(job, cfg, encoder, faults, resume)
-        except interrupts.JobInterrupted as sig:
-            interrupts.stop_ray()
-            if job is not None:
-                job.mark_interrupted(sig.name)
-                job.free_name_unless_checkpointed(resume)
-            err = LinearEvalFailed(f"interrupted ({sig.name}): the Ray job is stopped; the same command with "
-                                   "--resume continues from the last checkpoint, if one was written")
-            err.exit_code = sig.exit_code
-            raise err from None
+    return run_guarded(cfg.run, resume, address, LinearEvalFailed, lambda job: _fit(job, cfg, encoder, faults, resume))
 
 
 def _fit(job: runtime.JobRun, cfg: LinearConfig, encoder: EncoderSource, faults: Faults, resume: bool
          ) -> LinearResult:
-    if cfg.tracking.enabled:
-        uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-        job.open_tracking(uri, _open_mlflow_run, cfg, encoder, job.run_dir, uri)
-        record_job_start(job.tracking_uri, job.mlflow_run_id, dump_yaml(cfg), lambda: dataset_records(cfg.data))
-    loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), encoder=asdict(encoder), faults=faults.to_dict())
-    trainer = runtime.make_torch_trainer(train_loop_per_worker, loop_config, cfg.run, job.storage_path)
+    trainer = downstream_trainer(job, cfg, encoder, faults, _open_mlflow_run, lambda: dataset_records(cfg.data),
+                                 train_loop_per_worker)
     try:
         result = interrupts.fit(trainer)
         error = None

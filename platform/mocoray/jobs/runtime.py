@@ -197,21 +197,7 @@ class JobRun:
         if self.mlflow_run_id:
             safely("release of the run name", release_run_key, self.tracking_uri, self.mlflow_run_id)
         return True
-    def fit(self, trainer, failed: type[Exception], what: str):
-        """`trainer.fit()`; if it raises, the MLflow run ends FAILED and the error is raised as `failed`."""
-        try:
-            return trainer.fit()
-        except Exception as err:
-            self.end_tracking("FAILED", {STATUS_TAG: "failed"})
-            raise failed(f"{what} failed: {err}") from err
 
-
-def start_job(run: RunConfig, resume: bool, failed: type[Exception]) -> JobRun:
-    """`JobRun.prepare`, with a name clash (or a missing run to resume) raised as the job's own `failed`."""
-    try:
-        return JobRun.prepare(run, resume)
-    except (FileExistsError, FileNotFoundError) as err:
-        raise failed(str(err)) from None
 
 
     def mark_interrupted(self, signal_name: str, tags: dict[str, str] | None = None) -> None:

@@ -176,9 +176,15 @@ def voc_detection(
     return FileDetections(fs, kept, classes, counts, transform)
 
 
+def voc_split_ids(root: str, sets: Sequence[str | Sequence[str]], field: str = "data.root"
+                  ) -> list[tuple[str, str, list[str]]]:
+    """(year, split, image ids) of each set, read from the split files alone (no annotation is read)."""
+    fs, base = resolve(root, field)
+    return [(year, split, _split_ids(fs, _year_folder(fs, base, root, year, field), year, split, field))
+            for year, split in parse_sets(sets, field)]
+
+
 def check_voc_sets(root: str, sets: Sequence[str | Sequence[str]], field: str = "data.root") -> None:
     """Fail fast (on a job's driver) when a year folder or split file of `sets` is missing or a split is
     empty: the same errors `voc_detection` raises, without reading any annotation."""
-    fs, base = resolve(root, field)
-    for year, split in parse_sets(sets, field):
-        _split_ids(fs, _year_folder(fs, base, root, year, field), year, split, field)
+    voc_split_ids(root, sets, field)
