@@ -203,7 +203,8 @@ def test_knn_max_bank_caps_an_image_folder_bank(tmp_path):
     bank = _CountingReads(train)
     data = PretrainData(train=train, knn_bank=bank, knn_val=val, num_classes=num_classes, image_size=16)
     backbone, _ = build_backbone("small_resnet")
-    top1 = evaluate_knn(backbone, data, cfg, torch.device("cpu"), False)
+    top1, logreg = evaluate_knn(backbone, data, cfg, torch.device("cpu"), False)
+    assert logreg is None  # knn.logreg is off
     assert 0.0 <= top1 <= 1.0
     assert len(bank.read) == 8  # not all 40 images
 

@@ -67,7 +67,7 @@ def test_knn_baseline_at_init_uses_statistics_recomputed_on_training_images(chat
     model = build_moco(cfg, resolve_bn_mode(cfg.moco.bn_mode, 1, "cpu"))
     data = build_pretrain_data(cfg.data)
     try:
-        expected = knn_at_init(model.encoder_q.backbone, data, cfg, torch.device("cpu"), False)
+        expected, _ = knn_at_init(model.encoder_q.backbone, data, cfg, torch.device("cpu"), False)
     finally:
         torch.set_num_threads(threads)
     assert _history(chatty_run, "knn_top1_init")[0] == pytest.approx(expected, abs=1e-6)

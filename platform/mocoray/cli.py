@@ -442,7 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # the jobs are written for Ray Train V2
     from .tracking_artifacts import set_command_line
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "export" and not any(e.startswith("-") for e in extra):
+        args.paths += extra  # `export CHECKPOINT --format detectron2 OUT`: argparse leaves OUT over
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     set_command_line(["mocoray", *(sys.argv[1:] if argv is None else argv)])  # what each job's run records
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to repeat the command in hints
     try:

@@ -163,7 +163,10 @@ class TrackingUnavailableError(RuntimeError):
 
 
 def require_server(uri: str) -> None:
-    """Fail fast, before any compute, when the tracking server at `uri` does not answer."""
+    """Fail fast, before any compute, when the tracking server at `uri` does not answer (a local store is
+    not checked here: asking it would create it, and jobs create theirs only once Ray is reached)."""
+    if not uri.startswith(("http://", "https://")):
+        return
     try:
         client(uri).search_experiments(max_results=1)
     except Exception as err:

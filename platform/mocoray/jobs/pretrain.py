@@ -328,6 +328,12 @@ def save_checkpoint(model, optimizer, scaler, state: TrainState, cfg: PretrainCo
     import ray.train
 
     name = checkpoint_dir_name(state.epoch, state.step_in_epoch)
+    if state.step_in_epoch:  # every rank is here (the preemption check is a collective)
+        # The ranks' BN statistics are averaged at each epoch's end; a mid-epoch checkpoint holds that average
+        # too, so a run resumed from it on any world size ends the epoch with the same statistics as one
+        # that never stopped (the running averages are linear in their updates: averaging early changes
+        # nothing at the epoch's end).
+        average_bn_statistics(unwrap(model))
 
     with tempfile.TemporaryDirectory() as tmp:
         save_training_checkpoint(
