@@ -155,9 +155,10 @@ class LocalCluster:
                 _kill_group(proc, signal.SIGKILL)
         for node in [*self.workers, *([self.head] if self.head else [])]:
             _kill_group(node.proc, signal.SIGTERM)
+        deadline = time.time() + 5  # the cluster is thrown away: a short grace, then SIGKILL
         for node in [*self.workers, *([self.head] if self.head else [])]:
             try:
-                node.proc.wait(timeout=15)
+                node.proc.wait(timeout=max(deadline - time.time(), 0.1))
             except subprocess.TimeoutExpired:
                 _kill_group(node.proc, signal.SIGKILL)
 

@@ -210,26 +210,23 @@ def test_knn_max_bank_caps_an_image_folder_bank(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretraining_learns_on_scattered_digits(ray_session, tmp_path):
-    """The README recipe (2 workers, shuffle BN across them, CPU), shortened from 12 to 7 epochs.
+def test_the_readme_demo_learns_on_scattered_digits(ray_session, tmp_path):
+    """The README demo as it ships (experiments/digits_moco_v2.yaml: 2 workers, 12 epochs, CPU), against
+    the same encoder at random init with its BN statistics recomputed on training images (a fair baseline),
+    by kNN and by logistic regression on standardised frozen features (the val split; `knn.logreg`).
 
-    Against the fair baseline (the random-init encoder with BN statistics recomputed on training images,
-    kNN 0.6017 here) the margins are small: measured, the full 12-epoch recipe ends at kNN 0.6852 (+0.0836)
-    and this 7-epoch version at 0.5961 (-0.0056), after a dip to 0.4884 at epoch 1. (The old baseline, BN
-    statistics left at 0 and 1, scored 0.4234 and made the same runs look +0.26 better.) So what this test
-    can pin down today is that the run learns, climbing back from its first epoch, and ends level with the
-    fair baseline; raising the margin is the recipe's job.
+    Measured (the seed fixes data order, augmentations and initialisation): kNN 0.6639 vs 0.6017 at init (+0.062),
+    logistic regression 0.8672 vs 0.5469 (+0.320), 3.6 minutes from the command to the summary (see the README).
     """
     cfg = load_config(EXPERIMENTS / "digits_moco_v2.yaml", [
-        "optim.epochs=7", f"run.storage_path={tmp_path / 'runs'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+        f"run.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
     t0 = time.time()
     res = run_pretrain(cfg)
     minutes = (time.time() - t0) / 60
     m = res.metrics
-    knn = {s.step: s.value for s in _client(tmp_path).get_metric_history(res.mlflow_run_id, "knn_top1")}
-    print(f"\nkNN {m['knn_top1']:.4f} vs random init {m['knn_top1_init']:.4f} (margin {m['knn_margin']:+.4f}; "
-          f"epoch 1: {knn[1]:.4f}) in {minutes:.1f} min")
-    assert m["knn_top1"] >= knn[1] + 0.05  # measured +0.108 over the run's first epoch
-    assert m["knn_margin"] >= -0.03  # measured -0.006: level with the fair random-init baseline
-    assert minutes <= 5  # about 2.5 on an idle 2-core machine; slack for a loaded CI host
+    print(f"\nkNN {m['knn_top1']:.4f} vs random init {m['knn_top1_init']:.4f} (margin {m['knn_margin']:+.4f}); "
+          f"logreg {m['logreg_top1']:.4f} vs {m['logreg_top1_init']:.4f} ({m['logreg_margin']:+.4f}) "
+          f"in {minutes:.1f} min")
+    assert m["knn_margin"] >= 0.03  # measured +0.062
+    assert m["logreg_margin"] >= 0.25  # measured +0.320
+    assert minutes <= 7  # about 3.5 on an idle 2-core machine; slack for a loaded CI host

@@ -254,10 +254,10 @@ def evaluate_knn(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainCon
 
 def knn_at_init(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainConfig, device: torch.device,
                 channels_last: bool) -> tuple[float, float | None]:
-    """kNN (and, with `knn.logreg`, logistic-regression) top-1 of the encoder at random init, every run's own baseline. Measured on a plain copy (same
-    weights, plain BatchNorm) whose BN statistics are recomputed on training images first: at their init
-    values the features are degenerate and the baseline would be too low. Training starts from the model as
-    it is."""
+    """kNN (and, with `knn.logreg`, logistic-regression) top-1 of the encoder at random init, every run's own
+    baseline. Measured on a plain copy (same weights, plain BatchNorm) whose BN statistics are recomputed on
+    training images first: at their init values the features are degenerate and the baseline would be too
+    low. Training starts from the model as it is."""
     plain, _ = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
     plain.load_state_dict(backbone.state_dict())
     plain.to(device)
@@ -288,11 +288,13 @@ def epoch_metrics(state: TrainState, stats: EpochStats, cfg: PretrainConfig, epo
     }
 
 
-def epoch_line(m: dict, cfg: PretrainConfig) -> str:
+def epoch_line(m: dict, cfg: PretrainConfig, monitored: bool = True) -> str:
+    monitor = ""
+    if monitored:
+        monitor = f"kNN {m['knn_top1']:.4f} ({m['knn_margin']:+.4f} vs init)  " + (
+            f"logreg {m['logreg_top1']:.4f} ({m['logreg_margin']:+.4f})  " if "logreg_top1" in m else "")
     return (f"epoch {m['epoch']}/{cfg.optim.epochs}  loss {m['loss']:.4f}  acc {m['contrastive_acc']:.3f}  "
-            f"kNN {m['knn_top1']:.4f} ({m['knn_margin']:+.4f} vs init)  "
-            + (f"logreg {m['logreg_top1']:.4f} ({m['logreg_margin']:+.4f})  " if "logreg_top1" in m else "")
-            + f"lr {m['lr']:.4g}  "
+            + monitor + f"lr {m['lr']:.4g}  "
             f"{m['pairs_per_s']:.0f} pairs/s  {m['epoch_time_s']:.1f}s")
 
 
@@ -385,8 +387,14 @@ def mid_epoch_metrics(state: TrainState, last_epoch: dict) -> dict:
             "step_in_epoch": state.step_in_epoch, "preemptions": state.preemptions}
 
 
-def log_epoch(logger: MetricLogger, metrics: dict) -> None:
-    logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"])
+MONITOR_PREFIXES = ("knn_", "logreg_")
+
+
+def log_epoch(logger: MetricLogger, metrics: dict, monitored: bool = True) -> None:
+    """An epoch's metrics at step = epoch; the kNN / logreg ones only on epochs that measured them (Ray's
+    reports carry the last measured values on every epoch, which Tune's schedulers need)."""
+    logger.metrics({k: v for k, v in metrics.items()
+                    if k != "epoch" and (monitored or not k.startswith(MONITOR_PREFIXES))}, step=metrics["epoch"])
 
 
 def relog_lost_epoch(logger: MetricLogger, checkpoint) -> None:
@@ -496,7 +504,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 return
             state.epoch = epoch + 1
             last = state.epoch == cfg.optim.epochs
-            if state.epoch % cfg.knn.every == 0 or last:
+            monitored = state.epoch % cfg.knn.every == 0 or last
+            if monitored:
                 state.monitor(*evaluate_knn(backbone, data, cfg, device, channels_last))
             metrics = epoch_metrics(state, stats, cfg, time.perf_counter() - t0) | monitor.epoch_averages()
             if state.epoch % cfg.run.checkpoint_every == 0 or last:
@@ -506,8 +515,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
             if logger:  # after the checkpoint: a group stopped in between re-logs it when it resumes
                 if state.epoch > epochs_logged(logger):
-                    log_epoch(logger, metrics)
-                runtime.console(epoch_line(metrics, cfg))
+                    log_epoch(logger, metrics, monitored)
+                runtime.console(epoch_line(metrics, cfg, monitored))
             faults.maybe_pause(state.epoch, rank)
     if rank == 0:
         runtime.write_status(loop_config["status_url"], {"status": "completed", "epoch": cfg.optim.epochs,
