@@ -134,3 +134,15 @@ def tiny_pretrain_overrides(tmp_path: Path, name: str = "tiny", **extra) -> list
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread, as a 1-CPU Ray worker runs: on the shared 2-core machine a second thread
+    mostly waits for a core (several times slower under load)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,14 +24,7 @@ def digits():
     return scattered_digits_det(48, 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as a 1-CPU Ray worker runs: on the shared 2-core machine a second thread
-    mostly waits for a core (several times slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _loader(ds, batch_size: int = 8) -> DataLoader:

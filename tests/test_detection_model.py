@@ -10,15 +10,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from mocoray.core.backbones import build_backbone
 from mocoray.core.detection import build_detector, load_encoder_backbone
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as a 1-CPU Ray worker runs: on the shared 2-core machine a second thread
-    mostly waits for a core (several times slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = {"min_size": 64, "max_size": 64, "box_batch_size_per_image": 32, "rpn_post_nms_top_n_train": 200}
