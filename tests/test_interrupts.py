@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from conftest import tiny_pretrain_overrides
 from mocoray.compare import compare_table
 from mocoray.config import ConfigError, load_config
+from mocoray.jobs import interrupts
 from mocoray.jobs.faults import Faults
 from mocoray.jobs.pretrain import PretrainFailed, run_pretrain
 
@@ -69,6 +71,38 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 90) -> tuple[int
         proc.kill()
         raise AssertionError("the driver did not exit after the signal:\n" + log.read_text()[-3000:]) from None
     return proc.returncode, log.read_text()
+
+
+def test_a_signal_leaves_the_fit_thread_running_until_ray_is_stopped_and_then_waits_for_it(monkeypatch):
+    """The driver waits for trainer.fit() on a helper thread; a signal raises on the main thread. The helper
+    must still count as running (Python 3.11's Thread.join, interrupted by a signal, marks it stopped), and
+    stopping Ray waits for it to end, so the process never exits with it inside Ray (a SIGSEGV at exit)."""
+    import ray
+
+    release = threading.Event()
+
+    class BlockedTrainer:
+        def fit(self):
+            release.wait(30)
+            return "ended"
+
+    def sigint_soon() -> None:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=sigint_soon).start()
+    with interrupts.signals_raise(), pytest.raises(interrupts.JobInterrupted):
+        interrupts.fit(BlockedTrainer())
+    (fit_thread,) = [t for t in threading.enumerate() if t.name == "mocoray-fit"]
+    assert fit_thread.is_alive()
+
+    def shutdown() -> None:  # not the shared session's Ray: the disconnect is what ends the fit thread
+        threading.Timer(0.5, release.set).start()
+
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    start = time.monotonic()
+    interrupts.stop_ray(wait_s=10)
+    assert not fit_thread.is_alive() and 0.4 < time.monotonic() - start < 5
 
 
 def test_sigint_stops_the_job_marks_the_run_killed_and_says_how_to_resume(ray_session, tmp_path):

@@ -228,6 +228,35 @@ def test_cpu_sweep_over_k_m_tau_tracks_every_trial_stops_some_early_and_returns_
     assert 0.0 <= linear_run.data.metrics["linear_top1"] <= 1.0
 
 
+def test_a_trial_run_ended_killed_by_the_sweep_keeps_that_status_when_its_own_process_fails_later(tmp_path):
+    """Tune's early stop and the stopped trial's own process race to end the trial's run: the sweep's KILLED
+    (early_stopped) must stand, whichever order they come in; a run nobody else ended still gets FAILED."""
+    from mocoray.jobs.pretrain import close_tracking
+    from mocoray.jobs.runtime import JobRun
+    from mocoray.jobs.sweep.driver import _close_child, _early_stop_tags
+    from mocoray.tracking import start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = mlflow.MlflowClient(uri)
+    jobs = {}
+    for name in ("stopped", "failing"):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        run_id = start_run(uri, "race", name, {}, {JOB_TAG: "pretrain"}, run_key=str(run_dir))
+        jobs[name] = JobRun(str(tmp_path), str(run_dir), str(run_dir / "status.json"), uri, run_id)
+    assert _close_child(uri, "race", str(tmp_path / "stopped"), "KILLED", _early_stop_tags(1, 3)) \
+        == jobs["stopped"].mlflow_run_id
+
+    for job in jobs.values():  # what the trial's process does when its Train run ends without completing
+        close_tracking(job, "FAILED", {STATUS_TAG: "running"})
+        job.end_tracking("FAILED", {STATUS_TAG: "failed"}, only_if_running=True)
+    stopped = c.get_run(jobs["stopped"].mlflow_run_id)
+    assert stopped.info.status == "KILLED" and stopped.data.tags[STATUS_TAG] == "early_stopped"
+    assert stopped.data.tags["mocoray.epochs_run"] == "1"
+    failing = c.get_run(jobs["failing"].mlflow_run_id)
+    assert failing.info.status == "FAILED" and failing.data.tags[STATUS_TAG] == "running"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Resume after the driver is killed
 

@@ -135,10 +135,20 @@ def effective_params(params: dict[str, str], tags: dict[str, str]) -> dict[str, 
     return {**params, **{k: param_value(v) for k, v in changed.items()}}
 
 
-def end_run(uri: str, run_id: str, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
+def run_status(uri: str, run_id: str) -> str:
+    """RUNNING, FINISHED, FAILED or KILLED."""
+    return client(uri).get_run(run_id).info.status
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED", tags: dict[str, str] | None = None,
+            only_if_running: bool = False) -> None:
+    """End a run with `status` and `tags`; with `only_if_running`, leave a run that someone else has already
+    ended as it is (a trial that Tune stopped is KILLED by the sweep while its own process may still fail)."""
     from mlflow.entities import RunTag
 
     c = client(uri)
+    if only_if_running and run_status(uri, run_id) != "RUNNING":
+        return
     if tags:
         c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     c.set_terminated(run_id, status=status)

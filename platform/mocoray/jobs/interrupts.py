@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+# set when a trainer.fit() thread ends; those still unset were left running by a signal (see `stop_ray`)
+_FIT_DONE: list[threading.Event] = []
 
 
 class JobInterrupted(BaseException):
@@ -63,25 +66,39 @@ def fit(trainer) -> Any:
     if not _on_main_thread():
         return trainer.fit()
     outcome: dict[str, Any] = {}
+    done = threading.Event()
 
     def target() -> None:
         try:
             outcome["result"] = trainer.fit()
         except BaseException as err:  # re-raised on the main thread
             outcome["error"] = err
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=target, name="mocoray-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.2)
+    _FIT_DONE.append(done)
+    threading.Thread(target=target, name="mocoray-fit", daemon=True).start()
+    # Wait on an Event, not Thread.join: a signal raising inside join() makes Python 3.11 release the thread's
+    # state lock and mark the still-running thread stopped, and the interpreter can then crash at exit.
+    while not done.wait(0.2):
+        pass
+    _FIT_DONE.remove(done)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
 
 
-def stop_ray() -> None:
+def stop_ray(wait_s: float = 30.0) -> None:
     """Disconnect this driver from Ray: Ray then ends the actors its job owns (the Train controller and its
-    workers), and a local Ray that this process started stops with it."""
+    workers), and a local Ray that this process started stops with it.
+
+    Then wait (up to `wait_s`) for the interrupted trainer.fit() thread to notice and end: connected to a
+    running cluster it outlives the disconnect by up to a second, and a thread still inside Ray's client when
+    the interpreter shuts down can crash the process (SIGSEGV) instead of it exiting with 130 / 143."""
     import ray
 
     ray.shutdown()
+    deadline = time.monotonic() + wait_s
+    for done in list(_FIT_DONE):
+        if done.wait(max(0.0, deadline - time.monotonic())):
+            _FIT_DONE.remove(done)

@@ -62,6 +62,7 @@ from ..tracking import (
     last_logged_step,
     require_server,
     resolve_tracking_uri,
+    run_status,
     safely,
     start_run,
 )
@@ -573,13 +574,18 @@ def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
 def close_tracking(job: runtime.JobRun, status: str, tags: dict[str, str]) -> str | None:
     """Send what the workers could not (the server may be back), the final tags, then close the MLflow run.
 
-    Returns the file of what the server still did not take (the MLflow run then stays RUNNING), or None."""
+    Returns the file of what the server still did not take (the MLflow run then stays RUNNING), or None.
+    A run that did not complete and was already ended elsewhere (a trial Tune stopped early, which the sweep
+    marks KILLED) keeps that status and those tags."""
     if not job.mlflow_run_id:
         return None
     logger = MetricLogger(job.tracking_uri, job.mlflow_run_id, storage.join(job.run_dir, UNSENT_FILE))
-    logger.tags(tags)
+    ended_elsewhere = status != "FINISHED" and safely(
+        "status of the run", run_status, job.tracking_uri, job.mlflow_run_id) not in (None, "RUNNING")
+    if not ended_elsewhere:
+        logger.tags(tags)
     unsent = logger.unsent()
-    if unsent is None:
+    if unsent is None and not ended_elsewhere:
         job.end_tracking(status, {})
     return unsent
 
@@ -662,7 +668,9 @@ def _fit(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None, re
     try:
         result = interrupts.fit(trainer)
     except Exception as err:
-        job.end_tracking("FAILED", {STATUS_TAG: "failed"})
+        # a run already ended elsewhere keeps its status: Tune's early stop ends a trial's run KILLED, and
+        # the trial's own process may see its Train controller torn down (and fail) after that
+        job.end_tracking("FAILED", {STATUS_TAG: "failed"}, only_if_running=True)
         freed = NAME_FREED if job.free_name_unless_checkpointed(point is not None) else ""
         raise PretrainFailed(f"pretraining run {cfg.run.name!r} failed: {err}{freed}") from err
 

@@ -182,9 +182,10 @@ class JobRun:
     def status(self) -> dict | None:
         return read_status(self.status_url)
 
-    def end_tracking(self, status: str, tags: dict[str, str]) -> None:
+    def end_tracking(self, status: str, tags: dict[str, str], only_if_running: bool = False) -> None:
         if self.mlflow_run_id:
-            safely("end of the run", end_run, self.tracking_uri, self.mlflow_run_id, status, tags)
+            safely("end of the run", end_run, self.tracking_uri, self.mlflow_run_id, status, tags,
+                   only_if_running=only_if_running)
 
     def free_name_unless_checkpointed(self, resumed: bool) -> bool:
         """For a new run that ended before its first complete checkpoint: remove its folder and unlink its

@@ -104,8 +104,8 @@ def _close_child(uri: str, experiment: str, run_key: str, status: str, tags: dic
     """End a trial's MLflow run (found by its run key); returns its id, or None if it has none."""
     c = client(uri)
     run_id = find_run(c, experiment_id(c, experiment), run_key)
-    if run_id and (not only_if_running or c.get_run(run_id).info.status == "RUNNING"):
-        end_run(uri, run_id, status, tags)
+    if run_id:
+        end_run(uri, run_id, status, tags, only_if_running=only_if_running)
     return run_id
 
 
