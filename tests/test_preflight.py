@@ -22,6 +22,8 @@ from mocoray.config import ConfigError, load_config
 from mocoray.data import DatasetNotFoundError
 from mocoray.jobs.pretrain import run_pretrain
 
+pytestmark = pytest.mark.no_mlflow_store  # these tests check that a refused run creates nothing
+
 
 def _nothing_created(tmp_path: Path) -> bool:
     return not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
