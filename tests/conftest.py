@@ -33,10 +33,22 @@ EXPERIMENTS = REPO / "experiments"
 RAY_TEST_CPUS = 4
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and never handed out before in this test process.
+
+    The OS may hand the same just-released port to two consecutive binds; a Ray node given that port for
+    two of its components refuses to start ("port ... used by other components"), as it did once in CI.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 @pytest.fixture(scope="session")

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import free_port
 from mocoray.config import load_config
 from mocoray.core.moco import unwrap
 from mocoray.data.synthetic import synthetic_images
 from mocoray.jobs.faults import Faults
 from mocoray.jobs.pretrain import TrainState, build_moco, train_loader, train_one_epoch, two_views
 from mocoray.jobs.runtime import ddp_kwargs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -55,7 +48,7 @@ def _one_epoch_on_two_ranks(rank: int, world: int, port: int, out_dir: str) -> N
 
 
 def test_bn_statistics_are_one_set_across_ranks_after_an_epoch_on_different_data(tmp_path):
-    mp.spawn(_one_epoch_on_two_ranks, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_one_epoch_on_two_ranks, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert set(r0["mine"]).isdisjoint(r1["mine"])  # the ranks really trained on different images
     keys = list(r0["state"])
@@ -84,7 +77,7 @@ def _average_on_two_ranks(rank: int, world: int, port: int, out_dir: str) -> Non
 
 
 def test_bn_statistics_average_is_the_mean_over_ranks_of_running_mean_and_var_only(tmp_path):
-    mp.spawn(_average_on_two_ranks, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_average_on_two_ranks, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     s0, s1 = (torch.load(tmp_path / f"avg{r}.pt", weights_only=True) for r in range(2))
     for s in (s0, s1):
         assert s["1.running_mean"].tolist() == [1.5, 3.0] and s["1.running_var"].tolist() == [4.0, 6.0]

@@ -8,13 +8,13 @@ core, data and gpu_metrics modules, so it also runs where Ray, MLflow and pyarro
 
 import io
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import free_port
 from mocoray.core.augment import BatchAugment, moco_spec
 from mocoray.core.backbones import build_backbone
 from mocoray.core.compiled import compile_encoders, make_sgd
@@ -55,15 +55,9 @@ def test_amp_channels_last_steps_are_finite_and_learn(amp):
     assert sum(losses[-5:]) < sum(losses[:5])  # same 64 images over and over: must fit them
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def nccl_group():
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda:0"))
     yield
     dist.destroy_process_group()

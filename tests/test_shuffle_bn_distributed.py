@@ -1,22 +1,16 @@
 """Shuffle BN across two real processes joined by a gloo process group."""
 
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from mocoray.core.moco import Encoder, MoCo, train_step
 from mocoray.core.shuffle_bn import shuffle_batch, unshuffle_batch
 from mocoray.jobs.runtime import ddp_kwargs
 
 B = 8  # per-rank batch
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -49,7 +43,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_shuffle_bn_across_two_gloo_processes(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     everything = set(range(2 * B))
     for s0, s1 in zip(r0["shuffles"], r1["shuffles"], strict=True):
