@@ -46,6 +46,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--jitter", type=float, default=0.4, help="brightness/contrast/saturation strength (hue <= 0.1)")
     p.add_argument("--grayscale", type=float, default=0.2, help="grayscale probability")
     p.add_argument("--width", type=float, default=1.0, help="small_resnet channel multiplier (1: 32/64/128/256)")
+    p.add_argument("--widths", help="small_resnet stage widths, e.g. 16,32,64,256 (overrides --width)")
     p.add_argument("--bn", choices=["plain", "split"], default="split",
                    help="split: SplitBatchNorm (8 groups) for the query encoder and a shuffled key batch")
     p.add_argument("--symmetric", action="store_true", help="both views as queries (loss averaged)")
@@ -83,7 +84,9 @@ def main() -> None:
     train, val = scattered_digits()
     images = train.images
 
-    backbone = SmallResNet(tuple(max(8, round(c * a.width)) for c in (32, 64, 128, 256)))
+    widths = tuple(int(w) for w in a.widths.split(",")) if a.widths else \
+        tuple(max(8, round(c * a.width)) for c in (32, 64, 128, 256))
+    backbone = SmallResNet(widths)
     head = nn.Sequential(nn.Linear(backbone.out_dim, backbone.out_dim), nn.ReLU(), nn.Linear(backbone.out_dim, 128))
     at_init = scores(recalibrated(backbone, images), train, val)
     if a.bn == "split":

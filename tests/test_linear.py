@@ -94,6 +94,19 @@ def test_checkpoint_of_another_architecture_is_refused_with_the_fix(tmp_path):
         build_frozen_backbone(EncoderSource(str(path), "resnet34", False))
 
 
+def test_small_resnet_slim_is_rebuilt_from_its_name_and_a_full_width_one_does_not_load_into_it(tmp_path):
+    slim, dim = build_backbone("small_resnet_slim")
+    full, _ = build_backbone("small_resnet")
+    assert dim == 128 and [c.out_channels for c in slim.modules() if isinstance(c, nn.Conv2d)][:3] == [16, 32, 32]
+    assert sum(p.numel() for p in slim.parameters()) * 3 < sum(p.numel() for p in full.parameters())
+    path = tmp_path / "backbone.pt"
+    torch.save(slim.state_dict(), path)
+    loaded, _ = build_frozen_backbone(EncoderSource(str(path), "small_resnet_slim", False))
+    assert all(torch.equal(v, slim.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ValueError, match="does not fit a small_resnet backbone.*encoder.arch"):
+        build_frozen_backbone(EncoderSource(str(path), "small_resnet", False))
+
+
 def test_backbone_check_catches_moved_weights_and_bn_statistics():
     backbone, _ = build_backbone("small_resnet")
     backbone.eval()
@@ -171,6 +184,8 @@ def digits_pretrain(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("digits_pretrain")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = load_config(EXPERIMENTS / "digits_moco_v2.yaml", [
+        # the encoder and batch the margins below were measured with (the demo recipe before issue 18)
+        "model.arch=small_resnet", "optim.batch_size=64",
         "optim.epochs=2", "run.num_workers=1", "data.max_images=2048", "moco.queue_size=512",
         "knn.every=100", "knn.max_bank=1024", f"run.storage_path={tmp / 'runs'}", "run.name=digits-short",
         f"tracking.tracking_uri={uri}", "tracking.experiment=digits-linear-test",

@@ -211,12 +211,12 @@ def test_knn_max_bank_caps_an_image_folder_bank(tmp_path):
 
 @pytest.mark.slow
 def test_the_readme_demo_learns_on_scattered_digits(ray_session, tmp_path):
-    """The README demo as it ships (experiments/digits_moco_v2.yaml: 2 workers, 12 epochs, CPU), against
+    """The README demo as it ships (experiments/digits_moco_v2.yaml: 2 workers, 24 epochs, CPU), against
     the same encoder at random init with its BN statistics recomputed on training images (a fair baseline),
     by kNN and by logistic regression on standardised frozen features (the val split; `knn.logreg`).
 
-    Measured (the seed fixes data order, augmentations and initialisation): kNN 0.6639 vs 0.6017 at init (+0.062),
-    logistic regression 0.8672 vs 0.5469 (+0.320), 3.6 minutes from the command to the summary (see the README).
+    Measured (the seed fixes data order, augmentations and initialisation): kNN 0.7892 vs 0.5023 at init (+0.287),
+    logistic regression 0.8700 vs 0.4420 (+0.428), 3.2 minutes from the command to the summary (see the README).
     """
     cfg = load_config(EXPERIMENTS / "digits_moco_v2.yaml", [
         f"run.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
@@ -227,6 +227,6 @@ def test_the_readme_demo_learns_on_scattered_digits(ray_session, tmp_path):
     print(f"\nkNN {m['knn_top1']:.4f} vs random init {m['knn_top1_init']:.4f} (margin {m['knn_margin']:+.4f}); "
           f"logreg {m['logreg_top1']:.4f} vs {m['logreg_top1_init']:.4f} ({m['logreg_margin']:+.4f}) "
           f"in {minutes:.1f} min")
-    assert m["knn_margin"] >= 0.03  # measured +0.062
-    assert m["logreg_margin"] >= 0.25  # measured +0.320
-    assert minutes <= 7  # about 3.5 on an idle 2-core machine; slack for a loaded CI host
+    assert m["knn_top1"] >= 0.75 and m["knn_margin"] >= 0.2  # measured 0.7892, +0.287
+    assert m["logreg_margin"] >= 0.35  # measured +0.428
+    assert minutes <= 7  # about 3.2 on an idle 2-core machine; slack for a loaded CI host

@@ -183,13 +183,17 @@ def load_backbone(encoder: EncoderSource, seed: int = 0) -> tuple[nn.Module, int
     backbone, feat_dim = build_backbone(encoder.arch, encoder.cifar_stem)
     if encoder.source is not None:
         state = backbone_state_dict(weights_path(encoder))
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        own = backbone.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        # same names, other shapes: a different width of the same family (small_resnet vs small_resnet_slim)
+        resized = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or resized:
             raise ValueError(
                 f"{encoder.source} does not fit a {encoder.arch} backbone (cifar_stem={encoder.cifar_stem}): "
-                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; set encoder.arch / "
-                "encoder.cifar_stem to the architecture it was trained with"
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes {resized[:5]}; set "
+                "encoder.arch / encoder.cifar_stem to the architecture it was trained with"
             )
+        backbone.load_state_dict(state)
     return backbone, feat_dim
 
 
