@@ -10,6 +10,7 @@ bare loop; other values try recipes in minutes without a sweep.
 
     python benchmarks/plain_moco_digits.py --budget 150
     python benchmarks/plain_moco_digits.py --budget 150 --jitter 0 --grayscale 0 --symmetric
+    python benchmarks/plain_moco_digits.py --budget 150 --widths 16,32,64,128 --flip 0 --head-bn
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--crop-min", type=float, default=0.4)
     p.add_argument("--jitter", type=float, default=0.4, help="brightness/contrast/saturation strength (hue <= 0.1)")
     p.add_argument("--grayscale", type=float, default=0.2, help="grayscale probability")
+    p.add_argument("--flip", type=float, default=0.5, help="horizontal flip probability")
+    p.add_argument("--head-bn", action="store_true", help="BatchNorm after the projection head's hidden layer")
     p.add_argument("--width", type=float, default=1.0, help="small_resnet channel multiplier (1: 32/64/128/256)")
     p.add_argument("--widths", help="small_resnet stage widths, e.g. 16,32,64,256 (overrides --width)")
     p.add_argument("--bn", choices=["plain", "split"], default="split",
@@ -87,7 +90,8 @@ def main() -> None:
     widths = tuple(int(w) for w in a.widths.split(",")) if a.widths else \
         tuple(max(8, round(c * a.width)) for c in (32, 64, 128, 256))
     backbone = SmallResNet(widths)
-    head = nn.Sequential(nn.Linear(backbone.out_dim, backbone.out_dim), nn.ReLU(), nn.Linear(backbone.out_dim, 128))
+    hidden = [nn.Linear(backbone.out_dim, backbone.out_dim)] + ([nn.BatchNorm1d(backbone.out_dim)] if a.head_bn else [])
+    head = nn.Sequential(*hidden, nn.ReLU(), nn.Linear(backbone.out_dim, 128))
     at_init = scores(recalibrated(backbone, images), train, val)
     if a.bn == "split":
         backbone = convert_to_split_bn(backbone, 8)
@@ -96,7 +100,8 @@ def main() -> None:
     queue = F.normalize(torch.randn(a.queue, 128), dim=1)
     ptr = 0
     spec = moco_spec("v2", 32, crop_scale=(a.crop_min, 1.0))
-    spec = type(spec)(**{**spec.__dict__, "jitter": (a.jitter,) * 3 + (min(0.1, a.jitter),), "grayscale_p": a.grayscale})
+    spec = type(spec)(**{**spec.__dict__, "jitter": (a.jitter,) * 3 + (min(0.1, a.jitter),), "grayscale_p": a.grayscale,
+                             "flip_p": a.flip})
     augment = BatchAugment(spec)
     opt = torch.optim.SGD(query.parameters(), lr=a.lr, momentum=0.9, weight_decay=a.weight_decay)
 

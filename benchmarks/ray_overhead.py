@@ -142,11 +142,18 @@ def make_paced_loop(gate: str, driver_pid: int):
 def plain_process(cfg_dict: dict, gate: str, ckpt_root: str, t_spawn: float) -> None:
     """The worker's loop without Ray (rank 0 of 1), taking turns with the Ray worker epoch by epoch."""
     from mocoray.checkpoints import save_training_checkpoint
-    from mocoray.core.augment import BatchAugment, moco_spec
+    from mocoray.core.augment import BatchAugment
     from mocoray.core.shuffle_bn import resolve_bn_mode
     from mocoray.data import build_pretrain_data
     from mocoray.jobs.faults import Faults
-    from mocoray.jobs.pretrain import TrainState, build_moco, evaluate_knn, train_loader, train_one_epoch
+    from mocoray.jobs.pretrain import (
+        TrainState,
+        augment_spec,
+        build_moco,
+        evaluate_knn,
+        train_loader,
+        train_one_epoch,
+    )
 
     cfg = PretrainConfig.model_validate(cfg_dict)
     torch.set_num_threads(cfg.run.torch_threads or 1)
@@ -160,8 +167,7 @@ def plain_process(cfg_dict: dict, gate: str, ckpt_root: str, t_spawn: float) -> 
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     torch.manual_seed(cfg.run.seed * 1000 + 1)
     loader, sampler = train_loader(cfg, data.train, 0, 1)
-    augment = BatchAugment(moco_spec(cfg.moco.version, cfg.data.image_size, cfg.data.blur,
-                                     (cfg.data.crop_min_scale, 1.0)))
+    augment = BatchAugment(augment_spec(cfg))
     state, backbone = TrainState(), model.encoder_q.backbone
 
     evaluate_knn(backbone, data, cfg, device, False)

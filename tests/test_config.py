@@ -37,6 +37,10 @@ def test_cross_field_rules_are_explained():
         load_config(None, ["moco.bn_mode=sync"])
     with pytest.raises(ConfigError, match="data.root is required"):
         load_config(None, ["data.name=imagefolder"])
+    with pytest.raises(ConfigError, match=r"moco.head_bn=true needs the MLP head"):
+        load_config(None, ["moco.head_bn=true", "moco.version=v1"])
+    with pytest.raises(ConfigError, match=r"data.flip_p=1.5.*less than or equal to 1"):
+        load_config(None, ["data.flip_p=1.5"])
 
 
 def test_overrides_are_parsed_as_yaml_and_applied_to_the_recipe():

@@ -151,7 +151,7 @@ def digits_pretrain(ray_session, tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     _voc_folder(tmp / "voc")
     # the encoder and batch the AP figures below were measured with (the demo recipe before issue 18)
-    pretrain = ["model.arch=small_resnet", "optim.batch_size=64",
+    pretrain = ["model.arch=small_resnet", "optim.batch_size=64", "data.flip_p=0.5",
                 "optim.epochs=1", "run.num_workers=1", "data.max_images=1024", "moco.queue_size=256",
                 "knn.max_bank=512", f"run.storage_path={tmp / 'runs'}", "run.name=digits-det-pre",
                 f"tracking.tracking_uri={uri}", "tracking.experiment=digits-detect-test"]

@@ -185,7 +185,7 @@ def digits_pretrain(ray_session, tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = load_config(EXPERIMENTS / "digits_moco_v2.yaml", [
         # the encoder and batch the margins below were measured with (the demo recipe before issue 18)
-        "model.arch=small_resnet", "optim.batch_size=64",
+        "model.arch=small_resnet", "optim.batch_size=64", "data.flip_p=0.5",
         "optim.epochs=2", "run.num_workers=1", "data.max_images=2048", "moco.queue_size=512",
         "knn.every=100", "knn.max_bank=1024", f"run.storage_path={tmp / 'runs'}", "run.name=digits-short",
         f"tracking.tracking_uri={uri}", "tracking.experiment=digits-linear-test",

@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import EXPERIMENTS, REPO
 from mocoray.cli import main
 from mocoray.config import ConfigError, SweepConfig, build, load_config, load_sweep_config
+from mocoray.config.sweep import trial_base
 from mocoray.jobs.linear import linear_eval_best
 from mocoray.jobs.sweep import run_sweep, trial_run_name, tune_space
 from mocoray.tracking import JOB_TAG, STATUS_TAG, SWEEP_RUN_TAG
@@ -125,6 +126,22 @@ def test_concurrency_fits_the_largest_trial_into_the_cluster(ray_session, tmp_pa
     assert concurrency(sweep, trial_base(sweep)) == expected
 
 
+def test_heatmap_of_the_first_two_grids_averages_over_a_third_one(tmp_path):
+    from mocoray.jobs.sweep.report import heatmap_cells, make_plots
+
+    sweep = build(SweepConfig, {"base": {"optim": {"epochs": 2}}, "metric": "logreg_top1", "space": {
+        "data.flip_p": {"grid": [0.5, 0.0]}, "moco.head_bn": {"grid": [False, True]}, "run.seed": {"grid": [0, 1]}}})
+    rows = [{"data.flip_p": f, "moco.head_bn": h, "run.seed": s, "status": "completed",
+             "best_logreg_top1": 0.9 + (0.04 if f == 0 else 0) + (0.02 if h else 0) + 0.01 * s}
+            for f in (0.5, 0.0) for h in (False, True) for s in (0, 1)]
+    a, b, xs, ys, cells = heatmap_cells(rows, sweep)
+    assert (a, b, xs, ys) == ("data.flip_p", "moco.head_bn", [0.5, 0.0], [False, True])
+    assert cells.flatten().tolist() == pytest.approx([0.905, 0.945, 0.925, 0.965])  # rows: head_bn; 2 seeds each
+    names = sorted(p.name for p in make_plots(rows, sweep, tmp_path))
+    assert "heatmap_data.flip_p_moco.head_bn.png" in names and len(names) == 4
+    assert heatmap_cells(rows, build(SweepConfig, {"space": {"run.seed": {"grid": [0, 1]}}})) is None
+
+
 def test_shipped_sweep_recipes_validate():
     cifar = load_sweep_config(EXPERIMENTS / "sweep_k_m_tau_cifar10.yaml")
     assert cifar.space["moco.queue_size"].values == [1024, 4096, 16384, 65536]
@@ -132,6 +149,13 @@ def test_shipped_sweep_recipes_validate():
     assert cifar.resources.gpus_per_worker == 0.5
     tiny = load_sweep_config(TINY)
     assert set(tiny.space) == {"moco.queue_size", "moco.momentum", "moco.temperature"}
+    # the demo's tuning rounds 4 and 5 (README): full grids ranked by logistic regression
+    head_flip = load_sweep_config(EXPERIMENTS / "sweep_digits_head_flip.yaml")
+    assert [s.values for s in head_flip.space.values()] == [[0.5, 0.0], [False, True], [0.4, 0.0]]
+    m_epochs = load_sweep_config(EXPERIMENTS / "sweep_digits_m_epochs.yaml")
+    for sweep in (head_flip, m_epochs):
+        assert sweep.metric == "logreg_top1" and sweep.scheduler.type == "fifo" and trial_base(sweep).knn.logreg
+    assert trial_base(m_epochs).data.flip_p == 0.0  # round 4's winner
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -81,6 +83,44 @@ def test_batch_augment_shapes_statistics_and_determinism():
     assert torch.equal(a, b) and not torch.equal(a, c)
     v1, v2 = aug.two_views(x)
     assert not torch.equal(v1, v2)
+
+
+def test_batchnorm_head_trains_under_split_bn():
+    torch.manual_seed(0)
+    bb, d = build_backbone("small_resnet_slim")
+    m = MoCo(Encoder(bb, d, 16, mlp=True, head_bn=True), queue_size=32, momentum=0.9, temperature=0.2,
+             bn_mode="split", num_splits=2)
+    head_bn = [mod for mod in m.encoder_q.head.modules() if isinstance(mod, torch.nn.BatchNorm1d)]
+    assert len(head_bn) == 1 and type(head_bn[0]) is torch.nn.BatchNorm1d  # whole-batch statistics, not split
+    opt = torch.optim.SGD(m.encoder_q.parameters(), lr=0.1, momentum=0.9)
+    x = torch.rand(8, 3, 32, 32)
+    result = train_step(m, x, x.flip(0), opt)
+    assert 0 < result.loss < 10 and int(m.queue.ptr) == 8
+    assert m.encoder_q.head[1].running_mean.abs().sum() > 0 and m.encoder_k.head[1].running_mean.abs().sum() > 0
+    with pytest.raises(ValueError, match="MLP head"):
+        Encoder(bb, d, 16, mlp=False, head_bn=True)
+
+
+def test_flip_probability_and_colour_jitter_follow_the_recipe():
+    # Digits and text change meaning when mirrored, so recipes for them set data.flip_p=0.
+    x = torch.zeros(200, 3, 32, 32)
+    x[..., :16] = 1.0  # bright left half: a mirrored view is bright on the right
+
+    def mirrored_fraction(flip_p: float) -> float:
+        spec = dataclasses.replace(moco_spec("v2", 32, crop_scale=(0.9, 1.0)), flip_p=flip_p)
+        v = BatchAugment(spec).crop_flip(x, torch.Generator().manual_seed(0))
+        return (v[..., -8:].mean(dim=(1, 2, 3)) > v[..., :8].mean(dim=(1, 2, 3))).float().mean().item()
+
+    assert mirrored_fraction(0.0) == 0.0 and mirrored_fraction(1.0) == 1.0
+    assert 0.35 < mirrored_fraction(0.5) < 0.65
+    from mocoray.config import load_config
+    from mocoray.jobs.pretrain import augment_spec
+
+    assert augment_spec(load_config(None, ["data.flip_p=0"])).flip_p == 0.0
+    assert augment_spec(load_config(None, [])).flip_p == 0.5  # the paper's
+    assert augment_spec(load_config(None, [])).jitter == (0.4, 0.4, 0.4, 0.1)
+    assert augment_spec(load_config(None, ["data.color_jitter=0.2"])).jitter == (0.2, 0.2, 0.2, 0.1)
+    assert augment_spec(load_config(None, ["data.color_jitter=0"])).jitter == (0.0, 0.0, 0.0, 0.0)
 
 
 def test_paper_recipes_and_torchvision_path():

@@ -57,6 +57,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if "logreg_top1" in m:
         print(f"logreg top-1: {m['logreg_top1']:.4f} (random init {m['logreg_top1_init']:.4f}, "
               f"margin {m['logreg_margin']:+.4f}): logistic regression on standardised backbone features")
+    if "knn_top1" in m:
+        print("             (both encoders with BN statistics recomputed on training images)" if cfg.knn.precise_bn
+              else "             (random init with BN statistics recomputed on training images)")
     if res.mlflow_run_id:
         print(f"MLflow run:  {res.mlflow_run_id} at {res.tracking_uri}")
     if res.unsent_metrics:

@@ -29,6 +29,8 @@ class MocoConfig(Section):
     temperature: float = Field(0.2, gt=0.0, le=10.0, description="tau of InfoNCE")
     dim: int = Field(128, ge=1, description="output size of the projection head")
     mlp: bool | None = Field(None, description="2-layer MLP head; default: True for v2, False for v1")
+    head_bn: bool = Field(False, description="BatchNorm after the MLP head's hidden layer (as SimCLR and MoCo v3 "
+                          "have it); needs the MLP head")
     bn_mode: Literal["shuffle", "split", "sync", "none"] = "shuffle"
     num_splits: int = Field(8, ge=1, description="sub-batches of SplitBatchNorm (bn_mode split)")
 
@@ -36,12 +38,23 @@ class MocoConfig(Section):
     def use_mlp(self) -> bool:
         return self.version == "v2" if self.mlp is None else self.mlp
 
+    @model_validator(mode="after")
+    def _head_bn_needs_mlp(self) -> MocoConfig:
+        if self.head_bn and not self.use_mlp:
+            raise ValueError(f"moco.head_bn=true needs the MLP head (moco.mlp true, or moco.version v2); this "
+                             f"recipe has a linear head (version {self.version!r}, mlp {self.mlp})")
+        return self
+
 
 class PretrainDataConfig(DataConfig):
     """The dataset plus the two-view augmentation's own fields."""
 
     blur: bool | None = Field(None, description="Gaussian blur in v2 augmentation; default: on above 64 px")
     crop_min_scale: float = Field(0.2, gt=0.0, le=1.0)
+    color_jitter: float | None = Field(None, ge=0.0, le=1.0, description="brightness/contrast/saturation jitter "
+                                       "strength (hue at most the version's); default the version's 0.4; 0: none")
+    flip_p: float = Field(0.5, ge=0.0, le=1.0, description="horizontal-flip probability; 0 where left and right "
+                          "differ (digits, text): flip invariance costs them accuracy")
     decode: Literal["cpu", "gpu"] = Field(
         "cpu", description="gpu: loader workers only read JPEG bytes; the training process decodes them "
         "(nvJPEG on a GPU) and makes both views on its device (imagefolder/parquet; data.augment is then unused)"
@@ -79,6 +92,9 @@ class KnnConfig(Section):
                          "(metric logreg_top1; seconds on small sets, minutes on ImageNet-sized banks)")
     every: int = Field(1, ge=1, description="epochs between kNN evaluations (the last epoch always runs)")
     max_bank: int | None = Field(None, ge=1, description="cap on labelled images in the kNN bank")
+    precise_bn: bool = Field(False, description="evaluate a copy of the trained backbone with its BN statistics "
+                             "recomputed on training images, as the random-init baseline always is (training "
+                             "and the exported backbone keep their running statistics)")
 
 
 class ProgressConfig(Section):
@@ -171,7 +187,7 @@ class PretrainConfig(Section):
 # (lr, batch, augmentation, seed, ...), so it must match the run being continued. A name ending in "." allows
 # the whole section.
 RESUMABLE_FIELDS = (
-    "optim.epochs", "knn.every", "knn.max_bank", "progress.",
+    "optim.epochs", "knn.every", "knn.max_bank", "knn.precise_bn", "progress.",
     "run.num_workers", "run.use_gpu", "run.cpus_per_worker", "run.gpus_per_worker", "run.torch_threads",
     "run.max_failures", "run.checkpoint_every", "run.keep_checkpoints", "run.amp", "run.channels_last",
     "run.compile", "data.root", "data.val_root", "data.loader_workers", "data.augment", "data.decode",

@@ -20,20 +20,28 @@ from .queue import KeyQueue
 from .shuffle_bn import BN_MODES, all_gather_batch, convert_to_split_bn, shuffle_batch, unshuffle_batch
 
 
-def projection_head(in_dim: int, out_dim: int, mlp: bool) -> nn.Module:
-    """MoCo v1: one linear layer. MoCo v2: a 2-layer MLP with a hidden layer as wide as the input."""
+def projection_head(in_dim: int, out_dim: int, mlp: bool, bn: bool = False) -> nn.Module:
+    """MoCo v1: one linear layer. MoCo v2: a 2-layer MLP with a hidden layer as wide as the input.
+
+    `bn` adds BatchNorm after the hidden layer (SimCLR, MoCo v3). It normalises over the whole batch of a
+    worker even under SplitBatchNorm: one shared set of statistics holds no sub-batch identity to exploit.
+    """
     if mlp:
-        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+        norm = [nn.BatchNorm1d(in_dim)] if bn else []
+        return nn.Sequential(nn.Linear(in_dim, in_dim, bias=not bn), *norm, nn.ReLU(inplace=True),
+                             nn.Linear(in_dim, out_dim))
+    if bn:
+        raise ValueError("a BatchNorm head needs the MLP head (mlp=True)")
     return nn.Linear(in_dim, out_dim)
 
 
 class Encoder(nn.Module):
     """Backbone followed by the projection head. The backbone is what downstream tasks keep."""
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, dim: int, mlp: bool) -> None:
+    def __init__(self, backbone: nn.Module, feat_dim: int, dim: int, mlp: bool, head_bn: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = projection_head(feat_dim, dim, mlp)
+        self.head = projection_head(feat_dim, dim, mlp, head_bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

@@ -10,6 +10,7 @@ run resumes exactly where it stopped, on any world size of its elastic range.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from ..checkpoints import (
 )
 from ..config import PretrainConfig, dump_yaml, flatten
 from ..core.amp import AMP_DTYPES
-from ..core.augment import BatchAugment, moco_spec, two_view_transform
+from ..core.augment import AugmentSpec, BatchAugment, moco_spec, two_view_transform
 from ..core.backbones import build_backbone
 from ..core.bn_stats import average_bn_statistics
 from ..core.compiled import compile_encoders, make_sgd
@@ -82,11 +83,20 @@ from .resume import ResumePoint, find_resume_point, record_config
 
 def build_moco(cfg: PretrainConfig, bn_mode: str) -> MoCo:
     backbone, feat_dim = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
-    encoder = Encoder(backbone, feat_dim, cfg.moco.dim, cfg.moco.use_mlp)
+    encoder = Encoder(backbone, feat_dim, cfg.moco.dim, cfg.moco.use_mlp, cfg.moco.head_bn)
     model = MoCo(encoder, cfg.moco.queue_size, cfg.moco.momentum, cfg.moco.temperature, bn_mode, cfg.moco.num_splits)
     if bn_mode == "sync":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def augment_spec(cfg: PretrainConfig) -> AugmentSpec:
+    """The two-view recipe of `moco.version` at `data.image_size`, with the recipe's own crop, blur, colour
+    jitter and flip."""
+    spec = moco_spec(cfg.moco.version, cfg.data.image_size, cfg.data.blur, (cfg.data.crop_min_scale, 1.0))
+    spec = dataclasses.replace(spec, flip_p=cfg.data.flip_p)
+    s = cfg.data.color_jitter
+    return spec if s is None else dataclasses.replace(spec, jitter=(s, s, s, min(s, spec.jitter[3])))
 
 
 def train_loader(cfg: PretrainConfig, dataset, rank: int, world: int) -> tuple[DataLoader, GlobalBatchSampler]:
@@ -96,7 +106,7 @@ def train_loader(cfg: PretrainConfig, dataset, rank: int, world: int) -> tuple[D
     if cfg.data.decode == "gpu":
         dataset, collate = encoded_train_dataset(dataset), collate_encoded
     elif cfg.data.augment == "loader":
-        spec = moco_spec(cfg.moco.version, cfg.data.image_size, cfg.data.blur, (cfg.data.crop_min_scale, 1.0))
+        spec = augment_spec(cfg)
         dataset = Transformed(SkipCorrupt(dataset), two_view_transform(spec))
     elif not isinstance(dataset, TensorImages):
         dataset = Resized(SkipCorrupt(dataset), cfg.data.image_size)
@@ -122,7 +132,7 @@ TwoViews = Callable[[Any, torch.device], tuple[torch.Tensor, torch.Tensor, int]]
 
 def two_views(cfg: PretrainConfig) -> TwoViews:
     """batch -> (im_q, im_k, images replaced) on the device, for whatever `train_loader` serves."""
-    spec = moco_spec(cfg.moco.version, cfg.data.image_size, cfg.data.blur, (cfg.data.crop_min_scale, 1.0))
+    spec = augment_spec(cfg)
     if cfg.data.decode == "gpu":
         return DeviceJpegAugment(spec).two_views
     if cfg.data.augment == "device":
@@ -253,12 +263,10 @@ def evaluate_knn(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainCon
     return knn, all_reduce_sum([logreg], device)[0]  # every rank reports the same number
 
 
-def knn_at_init(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainConfig, device: torch.device,
-                channels_last: bool) -> tuple[float, float | None]:
-    """kNN (and, with `knn.logreg`, logistic-regression) top-1 of the encoder at random init, every run's own
-    baseline. Measured on a plain copy (same weights, plain BatchNorm) whose BN statistics are recomputed on
-    training images first: at their init values the features are degenerate and the baseline would be too
-    low. Training starts from the model as it is."""
+def evaluate_recalibrated(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainConfig, device: torch.device,
+                          channels_last: bool) -> tuple[float, float | None]:
+    """`evaluate_knn` on a plain copy of the backbone (same weights, plain BatchNorm) whose BN statistics are
+    recomputed on training images first; the backbone itself is untouched."""
     plain, _ = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
     plain.load_state_dict(backbone.state_dict())
     plain.to(device)
@@ -266,6 +274,25 @@ def knn_at_init(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainConf
         plain.to(memory_format=torch.channels_last)
     recompute_bn_on_images(plain, data.train, cfg.data.image_size, device, channels_last, cfg.data.loader_workers)
     return evaluate_knn(plain, data, cfg, device, channels_last)
+
+
+def knn_at_init(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainConfig, device: torch.device,
+                channels_last: bool) -> tuple[float, float | None]:
+    """kNN (and, with `knn.logreg`, logistic-regression) top-1 of the encoder at random init, every run's own
+    baseline, measured with recomputed BN statistics: at their init values the features are degenerate and
+    the baseline would be too low. Training starts from the model as it is."""
+    return evaluate_recalibrated(backbone, data, cfg, device, channels_last)
+
+
+def evaluate_trained(backbone: torch.nn.Module, data: PretrainData, cfg: PretrainConfig, device: torch.device,
+                     channels_last: bool) -> tuple[float, float | None]:
+    """The monitor after an epoch: on the running statistics training left, or (`knn.precise_bn`) on
+    recomputed ones like the baseline, whose copy must not draw from the training RNG (its init weights
+    are overwritten anyway), else the run would train differently with the option on, and on resume."""
+    if not cfg.knn.precise_bn:
+        return evaluate_knn(backbone, data, cfg, device, channels_last)
+    with torch.random.fork_rng(devices=[]):
+        return evaluate_recalibrated(backbone, data, cfg, device, channels_last)
 
 
 def epoch_metrics(state: TrainState, stats: EpochStats, cfg: PretrainConfig, epoch_time_s: float) -> dict:
@@ -507,7 +534,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             last = state.epoch == cfg.optim.epochs
             monitored = state.epoch % cfg.knn.every == 0 or last
             if monitored:
-                state.monitor(*evaluate_knn(backbone, data, cfg, device, channels_last))
+                state.monitor(*evaluate_trained(backbone, data, cfg, device, channels_last))
             metrics = epoch_metrics(state, stats, cfg, time.perf_counter() - t0) | monitor.epoch_averages()
             if state.epoch % cfg.run.checkpoint_every == 0 or last:
                 save_checkpoint(model, optimizer, scaler, state, cfg, metrics, rank, world, bn_mode)

@@ -92,8 +92,29 @@ def _log_axis(sweep: SweepConfig, key: str, values: list[Any]) -> bool:
     return bool(positive and max(values) / min(values) >= 20)
 
 
+def heatmap_cells(scored: list[dict[str, Any]], sweep: SweepConfig):
+    """(a, b, a's values, b's values, mean best metric per (b, a) cell) over the space's first two grid fields,
+    or None with fewer than two. Trials differing in other fields (a third grid such as run.seed, or drawn
+    values) share a cell: the mean is what a K x tau picture over several seeds should show."""
+    import numpy as np
+
+    grids = [k for k, spec in sweep.space.items() if spec.kind == "grid"]
+    if len(grids) < 2:
+        return None
+    a, b = grids[:2]
+    col = f"best_{sweep.metric}"
+    xs, ys = sweep.space[a].values, sweep.space[b].values
+    cells = np.full((len(ys), len(xs)), np.nan)
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            hits = [r[col] for r in scored if r[a] == x and r[b] == y]
+            if hits:
+                cells[i, j] = float(np.mean(hits))
+    return a, b, xs, ys, cells
+
+
 def make_plots(rows: list[dict[str, Any]], sweep: SweepConfig, out_dir: Path) -> list[Path]:
-    """PNG per searched field (best metric vs the field's value) and a heatmap when the space has 2 grids."""
+    """PNG per searched field (best metric vs the field's value) and a heatmap of the first two grid fields."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,16 +156,9 @@ def make_plots(rows: list[dict[str, Any]], sweep: SweepConfig, out_dir: Path) ->
         plt.close(fig)
         paths.append(path)
 
-    grids = [k for k, spec in sweep.space.items() if spec.kind == "grid"]
-    if len(grids) == 2:
-        a, b = grids
-        xs, ys = sweep.space[a].values, sweep.space[b].values
-        cells = np.full((len(ys), len(xs)), np.nan)
-        for i, y in enumerate(ys):
-            for j, x in enumerate(xs):
-                hits = [r[col] for r in scored if r[a] == x and r[b] == y]
-                if hits:
-                    cells[i, j] = float(np.mean(hits))
+    heat = heatmap_cells(scored, sweep)
+    if heat is not None:
+        a, b, xs, ys, cells = heat
         fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2.5, 0.8 * len(ys) + 2))
         im = ax.imshow(cells, origin="lower", cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(xs)), [str(x) for x in xs])
@@ -155,7 +169,8 @@ def make_plots(rows: list[dict[str, Any]], sweep: SweepConfig, out_dir: Path) ->
                     ax.text(j, i, f"{cells[i, j]:.3f}", ha="center", va="center", color="w", fontsize="small")
         ax.set_xlabel(a)
         ax.set_ylabel(b)
-        ax.set_title(f"mean {col}")
+        others = [k for k in sweep.space if k not in (a, b)]
+        ax.set_title(f"mean {col}" + (f"\nover {', '.join(others)}" if others else ""), fontsize="medium")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         path = out_dir / f"heatmap_{a}_{b}.png"
