@@ -5,12 +5,14 @@ No Ray, no DDP, no checkpoints: the training split, `small_resnet`, `BatchAugmen
 encoder and InfoNCE, written out in one loop, with the LR cosine over the *time* budget. It prints kNN (k 20,
 T 0.1) and logistic-regression top-1 on the val split, at random init (BN statistics recalibrated on the
 training images) and at the end, both with the running statistics training left and recalibrated.
-Run with the demo's values (the defaults below) it tells whether the platform loses accuracy against a
-bare loop; other values try recipes in minutes without a sweep.
+The defaults are sweep round 3's values (full width, paper flips); `--widths 16,32,64,256 --flip 0` is the
+demo as it ships (README, "Tuning the demo"). Run like the demo it tells whether the platform loses accuracy
+against a bare loop; other values try recipes in minutes without a sweep.
 
     python benchmarks/plain_moco_digits.py --budget 150
     python benchmarks/plain_moco_digits.py --budget 150 --jitter 0 --grayscale 0 --symmetric
     python benchmarks/plain_moco_digits.py --budget 150 --widths 16,32,64,128 --flip 0 --head-bn
+    python benchmarks/plain_moco_digits.py --budget 150 --widths 16,32,64,256 --flip 0 --seed 1
 """
 
 from __future__ import annotations

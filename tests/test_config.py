@@ -47,7 +47,7 @@ def test_overrides_are_parsed_as_yaml_and_applied_to_the_recipe():
     cfg = load_config(EXPERIMENTS / "digits_moco_v2.yaml", ["moco.queue_size=512", "optim.milestones=[3, 5]",
                                                              "moco.mlp=false"])
     assert cfg.moco.queue_size == 512 and cfg.optim.milestones == [3, 5] and cfg.moco.use_mlp is False
-    assert cfg.model.arch == "small_resnet_slim"  # from the recipe
+    assert cfg.model.arch == "small_resnet_slim_wide"  # from the recipe
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(None, ["moco.queue_size"])
     with pytest.raises(ConfigError, match="config file not found"):
@@ -80,5 +80,5 @@ def test_pretrain_without_a_recipe_runs_the_embedded_cpu_demo_and_shows_no_test_
     assert out.returncode == 0, out.stderr
     shown = PretrainConfig.model_validate(yaml.safe_load(out.stdout))
     assert shown == load_config(EXPERIMENTS / "digits_moco_v2.yaml")
-    assert shown.model.arch == "small_resnet_slim" and shown.run.num_workers == 2
+    assert shown.model.arch == "small_resnet_slim_wide" and shown.run.num_workers == 2
     assert "debug" not in out.stdout  # fault injection is a test-only Python argument, not a config field

@@ -215,8 +215,10 @@ def test_the_readme_demo_learns_on_scattered_digits(ray_session, tmp_path):
     the same encoder at random init with its BN statistics recomputed on training images (a fair baseline),
     by kNN and by logistic regression on standardised frozen features (the val split; `knn.logreg`).
 
-    Measured (the seed fixes data order, augmentations and initialisation): kNN 0.8357 vs 0.5023 at init (+0.333),
-    logistic regression 0.9359 vs 0.4420 (+0.494), 3.5 minutes from the command to the summary (README).
+    Measured (the seed fixes data order, augmentations and initialisation): kNN 0.8217 vs 0.5822 at init (+0.240),
+    logistic regression 0.9415 vs 0.5135 (+0.428), 4.65 minutes from the command to the summary (README). The
+    floors leave one seed's worth of slack (~0.01-0.02 between seeds, README round 6) for another CPU's
+    floating-point order.
     """
     cfg = load_config(EXPERIMENTS / "digits_moco_v2.yaml", [
         f"run.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
@@ -227,9 +229,9 @@ def test_the_readme_demo_learns_on_scattered_digits(ray_session, tmp_path):
     print(f"\nkNN {m['knn_top1']:.4f} vs random init {m['knn_top1_init']:.4f} (margin {m['knn_margin']:+.4f}); "
           f"logreg {m['logreg_top1']:.4f} vs {m['logreg_top1_init']:.4f} ({m['logreg_margin']:+.4f}) "
           f"in {minutes:.1f} min")
-    assert m["knn_top1"] >= 0.78 and m["knn_margin"] >= 0.25  # measured 0.8357, +0.333
-    assert m["logreg_top1"] >= 0.90 and m["logreg_margin"] >= 0.42  # measured 0.9359, +0.494
-    assert minutes <= 7  # about 3.2 on an idle 2-core machine; slack for a loaded CI host
+    assert m["knn_top1"] >= 0.78 and m["knn_margin"] >= 0.20  # measured 0.8217, +0.240
+    assert m["logreg_top1"] >= 0.93 and m["logreg_margin"] >= 0.40  # measured 0.9415, +0.428
+    assert minutes <= 7  # about 4.6 on an idle 2-core machine; slack for a loaded CI host
 
 
 def test_precise_bn_monitor_evaluates_a_recalibrated_copy_and_leaves_the_run_untouched(tmp_path):

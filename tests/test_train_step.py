@@ -139,6 +139,12 @@ def test_paper_recipes_and_torchvision_path():
 def test_backbones_sizes_and_feature_dims():
     macs = count_macs(SmallResNet(), 32)
     assert 30e6 <= macs <= 50e6  # the CPU-sized backbone the issue asks for
+    # The demo's backbone: the slim stages with the full width's last one (1.7x the slim one's multiply-adds,
+    # under half the full width's), so a linear probe reads 256 features.
+    slim, wide = build_backbone("small_resnet_slim"), build_backbone("small_resnet_slim_wide")
+    assert (slim[1], wide[1]) == (128, 256) and wide[0](torch.zeros(2, 3, 32, 32)).shape == (2, 256)
+    assert 1.6 < count_macs(wide[0], 32) / count_macs(slim[0], 32) < 1.8
+    assert count_macs(wide[0], 32) < 0.5 * macs
     net, dim = build_backbone("resnet18", cifar_stem=True)
     assert dim == 512 and net(torch.zeros(2, 3, 32, 32)).shape == (2, 512)
     assert "fc.weight" not in net.state_dict() and "conv1.weight" in net.state_dict()  # torchvision names
