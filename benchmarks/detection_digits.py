@@ -1,6 +1,6 @@
 """Faster R-CNN on scattered-digits-det on the CPU: training / inference images/s, and AP50 against time.
 
-Two measurements (pure torch: `core.detection`, `core.det_engine`, `core.det_eval`; no Ray, MLflow):
+Two measurements (pure torch: `detection.model`, `detection.engine`, `detection.evaluation`; no Ray, MLflow):
 
 * `throughput`: training images/s (forward + backward + SGD step, batch --batch) and inference
   images/s of each detector variant, in alternating rounds, next to a reference measured in the same
@@ -36,10 +36,10 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from mocoray.core.backbones import build_backbone  # noqa: E402
-from mocoray.core.det_engine import evaluate, to_model_inputs, train_one_epoch  # noqa: E402
-from mocoray.core.det_eval import coco_metrics, voc07_ap  # noqa: E402
-from mocoray.core.detection import build_detector  # noqa: E402
 from mocoray.data.detection import collate_detection, scattered_digits_det  # noqa: E402
+from mocoray.detection.engine import evaluate, to_model_inputs, train_one_epoch  # noqa: E402
+from mocoray.detection.evaluation import coco_metrics, voc07_ap  # noqa: E402
+from mocoray.detection.model import build_detector  # noqa: E402
 
 CPU_OPTIONS = {
     "min_size": 64, "max_size": 64, "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300,

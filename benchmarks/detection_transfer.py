@@ -25,9 +25,9 @@ ensure_mocoray_importable()
 
 from mocoray.config import load_config, load_detect_config  # noqa: E402
 from mocoray.encoders import resolve_encoder  # noqa: E402
-from mocoray.jobs.detect import run_detection  # noqa: E402
-from mocoray.jobs.pretrain import run_pretrain  # noqa: E402
-from mocoray.tracking import client, resolve_tracking_uri  # noqa: E402
+from mocoray.jobs.detect.driver import run_detection  # noqa: E402
+from mocoray.jobs.pretrain.driver import run_pretrain  # noqa: E402
+from mocoray.tracking.client import client, resolve_tracking_uri  # noqa: E402
 
 METRICS = ("AP", "AP50", "AP75")
 

@@ -44,7 +44,7 @@ fi
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   $PY -c "import sys, torch, torchvision; print('python', sys.version.split()[0], 'torch', torch.__version__, \
 'torchvision', torchvision.__version__, 'CUDA', torch.version.cuda, 'cores', __import__('os').cpu_count())"
-  $PY -c "import sys, mocoray.data.device_decode, mocoray.data.external, mocoray.gpu_metrics, mocoray.core.compiled; \
+  $PY -c "import sys, mocoray.data.device_decode, mocoray.data.external, mocoray.jobs.gpu_metrics, mocoray.core.compiled; \
 print('ray/mlflow/pydantic/pyarrow imported:', sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'pydantic', 'pyarrow'}))"
 
   log "1. tests"

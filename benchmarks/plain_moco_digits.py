@@ -31,9 +31,9 @@ from mocoray.core.augment import BatchAugment, moco_spec, normalize_batch
 from mocoray.core.backbones import SmallResNet
 from mocoray.core.bn_stats import recompute_bn_statistics
 from mocoray.core.knn import knn_top1
+from mocoray.core.logreg import fit_logreg
 from mocoray.core.shuffle_bn import convert_to_split_bn
 from mocoray.data.digits import scattered_digits
-from mocoray.logreg import fit_logreg
 
 
 def parse() -> argparse.Namespace:

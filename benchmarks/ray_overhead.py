@@ -115,7 +115,7 @@ def make_paced_loop(gate: str, driver_pid: int):
     def paced_loop(loop_config: dict) -> None:
         import ray.train
 
-        from mocoray.jobs import pretrain
+        from mocoray.jobs.pretrain import driver as pretrain
 
         report = ray.train.report
         write_json(f"{gate}/ray_worker.json", {"nice": os.nice(0), "pid": os.getpid()})
@@ -146,7 +146,7 @@ def plain_process(cfg_dict: dict, gate: str, ckpt_root: str, t_spawn: float) -> 
     from mocoray.core.shuffle_bn import resolve_bn_mode
     from mocoray.data import build_pretrain_data
     from mocoray.jobs.faults import Faults
-    from mocoray.jobs.pretrain import (
+    from mocoray.jobs.pretrain.driver import (
         TrainState,
         augment_spec,
         build_moco,
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     import ray.cloudpickle
 
-    from mocoray.jobs import pretrain
+    from mocoray.jobs.pretrain import driver as pretrain
 
     ray.cloudpickle.register_pickle_by_value(_bench)  # the worker cannot import benchmarks/_bench.py
     torch.set_num_threads(1)  # the driver computes nothing; this only makes the machine line say what the runs use

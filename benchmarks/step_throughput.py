@@ -35,7 +35,7 @@ a mode with N workers at least 2N steps, to drain their first burst of prefetche
 excluded; on CUDA every step ends with a synchronize before the clock is read.
 
 Imports only torch/torchvision/PIL/numpy/fsspec and mocoray.core, mocoray.data (not its parquet part)
-and mocoray.gpu_metrics (no Ray, MLflow, pydantic or pyarrow), so it runs on a bare GPU box:
+and mocoray.jobs.gpu_metrics (no Ray, MLflow, pydantic or pyarrow), so it runs on a bare GPU box:
 `PYTHONPATH=platform python benchmarks/step_throughput.py --device cuda ...`.
 
 Examples:
@@ -71,7 +71,7 @@ from mocoray.data.base import SkipCorrupt, TensorImages, Transformed, collate_ba
 from mocoray.data.device_decode import DeviceJpegAugment, collate_encoded, encoded_train_dataset  # noqa: E402
 from mocoray.data.external import ImageFolderFS  # noqa: E402
 from mocoray.data.synthetic import write_photo_folder  # noqa: E402
-from mocoray.gpu_metrics import gpu_monitor  # noqa: E402
+from mocoray.jobs.gpu_metrics import gpu_monitor  # noqa: E402
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ("plain", "split", "compile")

@@ -12,7 +12,7 @@ import sys
 
 from mocoray.config import load_config
 from mocoray.jobs.faults import Faults
-from mocoray.jobs.pretrain import run_pretrain
+from mocoray.jobs.pretrain.driver import run_pretrain
 
 
 def main() -> None:

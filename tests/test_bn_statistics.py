@@ -12,7 +12,9 @@ from mocoray.config import load_config
 from mocoray.core.moco import unwrap
 from mocoray.data.synthetic import synthetic_images
 from mocoray.jobs.faults import Faults
-from mocoray.jobs.pretrain import TrainState, build_moco, train_loader, train_one_epoch, two_views
+from mocoray.jobs.pretrain.loop import build_moco, train_one_epoch
+from mocoray.jobs.pretrain.state import TrainState
+from mocoray.jobs.pretrain.views import train_loader, two_views
 from mocoray.jobs.runtime import ddp_kwargs
 
 

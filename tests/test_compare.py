@@ -11,10 +11,10 @@ from PIL import Image
 
 from conftest import EXPERIMENTS, tiny_pretrain_overrides
 from mocoray.cli import main
-from mocoray.compare import CompareError, compare_table, render, save_plot
 from mocoray.config import load_config, load_linear_config
-from mocoray.jobs.linear import run_linear_eval
-from mocoray.jobs.pretrain import run_pretrain
+from mocoray.jobs.linear.driver import run_linear_eval
+from mocoray.jobs.pretrain.driver import run_pretrain
+from mocoray.tracking.compare import CompareError, compare_table, render, save_plot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mocoray.core.det_engine import evaluate, train_one_epoch
-from mocoray.core.detection import build_detector
 from mocoray.core.moco import NonFiniteLossError
 from mocoray.data.detection import collate_detection, scattered_digits_det
+from mocoray.detection.engine import evaluate, train_one_epoch
+from mocoray.detection.model import build_detector
 
 # the CPU settings of the digits detector: 64 px canvases, small anchors, few proposals and RoIs
 CPU_DETECTOR = {

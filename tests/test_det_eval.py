@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mocoray.core.det_eval import coco_metrics, voc07_ap, voc07_metrics
+from mocoray.detection.evaluation import coco_metrics, voc07_ap, voc07_metrics
 
 
 def gt(*boxes, labels=None, difficult=None, iscrowd=None) -> dict:

@@ -21,17 +21,18 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conftest import EXPERIMENTS
 from mocoray.cli import main
-from mocoray.compare import compare_table
 from mocoray.config import ConfigError, load_detect_config, load_linear_config
 from mocoray.core.backbones import build_backbone
-from mocoray.core.det_engine import train_one_epoch
-from mocoray.core.detection import PREFIXES_ATTR
 from mocoray.data import DatasetNotFoundError
 from mocoray.data.detection import collate_detection, scattered_digits_det
+from mocoray.detection.engine import train_one_epoch
+from mocoray.detection.model import PREFIXES_ATTR
 from mocoray.encoders import load_backbone, resolve_encoder
-from mocoray.jobs.detect import DetectionFailed, build_model, run_detection
+from mocoray.jobs.detect.driver import DetectionFailed, run_detection
+from mocoray.jobs.detect.loop import build_model
 from mocoray.jobs.faults import Faults
-from mocoray.jobs.linear import run_linear_eval
+from mocoray.jobs.linear.driver import run_linear_eval
+from mocoray.tracking.compare import compare_table
 from test_detection_data import write_voc
 from test_linear import _official_moco_checkpoint, _trained_resnet18
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from mocoray.core.detection import build_detector
 from mocoray.data.base import CorruptImageError, DatasetNotFoundError, SkipCorrupt
 from mocoray.data.detection import (
     RandomHorizontalFlip,
@@ -22,6 +21,7 @@ from mocoray.data.detection import (
 )
 from mocoray.data.detection.digits import CANVAS, MAX_DIGITS
 from mocoray.data.digits import _split_sources
+from mocoray.detection.model import build_detector
 
 
 def _jpeg(width: int, height: int, shade: int = 90) -> bytes:

@@ -8,7 +8,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mocoray.core.backbones import build_backbone
-from mocoray.core.detection import build_detector, load_encoder_backbone
+from mocoray.detection.model import build_detector, load_encoder_backbone
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -84,7 +84,7 @@ def test_loading_refuses_an_encoder_of_another_arch_or_stem_naming_the_keys() ->
         load_encoder_backbone(build_detector("resnet18", 10), _encoder_state("resnet18", cifar_stem=True))
     with pytest.raises(ValueError, match="outside the backbone layout"):
         load_encoder_backbone(build_detector("small_resnet", 10), _encoder_state("resnet18"))
-    with pytest.raises(ValueError, match="not built by core.detection.build_detector"):
+    with pytest.raises(ValueError, match="not built by detection.model.build_detector"):
         load_encoder_backbone(nn.Linear(2, 2), {})
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mocoray.core.backbones import build_backbone
-from mocoray.detectron2_export import detectron2_key, save_detectron2, to_detectron2
+from mocoray.detection.detectron2 import detectron2_key, save_detectron2, to_detectron2
 
 BN = ("weight", "bias", "running_mean", "running_var")
 

@@ -23,7 +23,7 @@ from mocoray.core.moco import Encoder, MoCo, train_step
 from mocoray.core.shuffle_bn import all_gather_batch, shuffle_batch, unshuffle_batch
 from mocoray.data.device_decode import DeviceJpegAugment
 from mocoray.data.synthetic import photo_like
-from mocoray.gpu_metrics import gpu_monitor
+from mocoray.jobs.gpu_metrics import gpu_monitor
 from test_compiled import _tiny_moco
 from test_split_bn import _pair, _run
 

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from mocoray.gpu_metrics import GpuMonitor, gpu_monitor
+from mocoray.jobs.gpu_metrics import GpuMonitor, gpu_monitor
 
 
 def test_epoch_averages_are_means_of_the_samples_since_the_previous_call():

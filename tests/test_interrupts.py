@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from conftest import tiny_pretrain_overrides
-from mocoray.compare import compare_table
 from mocoray.config import ConfigError, load_config
 from mocoray.jobs import interrupts
 from mocoray.jobs.faults import Faults
-from mocoray.jobs.pretrain import PretrainFailed, run_pretrain
+from mocoray.jobs.pretrain.driver import PretrainFailed, run_pretrain
+from mocoray.tracking.compare import compare_table
 
 
 def _gcs_address(ray_session) -> str:
@@ -141,7 +141,7 @@ _INTERRUPTED_DRIVER = """
 import sys
 from mocoray.config import load_config
 from mocoray.jobs.faults import Faults
-from mocoray.jobs.pretrain import PretrainFailed, run_pretrain
+from mocoray.jobs.pretrain.driver import PretrainFailed, run_pretrain
 cfg = load_config(None, sys.argv[2:])
 try:
     run_pretrain(cfg, address=sys.argv[1], faults=Faults(interrupt_driver_after_epoch=2))

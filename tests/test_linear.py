@@ -16,15 +16,14 @@ from mocoray.config import ConfigError, load_config, load_linear_config
 from mocoray.core.backbones import build_backbone
 from mocoray.encoders import EncoderSource, resolve_encoder
 from mocoray.jobs.faults import Faults
-from mocoray.jobs.linear import (
+from mocoray.jobs.linear.driver import LinearEvalFailed, run_linear_eval
+from mocoray.jobs.linear.features import (
     BackboneChangedError,
-    LinearEvalFailed,
     assert_backbone_unchanged,
     backbone_snapshot,
     build_frozen_backbone,
-    run_linear_eval,
 )
-from mocoray.jobs.pretrain import run_pretrain
+from mocoray.jobs.pretrain.driver import run_pretrain
 
 DIGITS_LINEAR = EXPERIMENTS / "linear_digits.yaml"
 

@@ -20,7 +20,7 @@ from mocoray import __version__
 from mocoray.cli import main
 from mocoray.config import ConfigError, load_config
 from mocoray.data import DatasetNotFoundError
-from mocoray.jobs.pretrain import run_pretrain
+from mocoray.jobs.pretrain.driver import run_pretrain
 
 pytestmark = pytest.mark.no_mlflow_store  # these tests check that a refused run creates nothing
 

@@ -15,7 +15,7 @@ from mocoray.config import load_config
 from mocoray.config.pretrain import DEFAULT_RECIPE
 from mocoray.core.shuffle_bn import resolve_bn_mode
 from mocoray.data import build_pretrain_data
-from mocoray.jobs.pretrain import build_moco
+from mocoray.jobs.pretrain.loop import build_moco
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_step_metrics_go_to_mlflow_at_their_interval_and_epoch_metrics_stay(chat
 def test_knn_baseline_at_init_uses_statistics_recomputed_on_training_images(chatty_run):
     """Step 0's kNN is the same random-init encoder, evaluated after its BN statistics were recomputed
     on training images (at their init values of 0 and 1 it would be degenerate)."""
-    from mocoray.jobs.pretrain import knn_at_init
+    from mocoray.jobs.pretrain.monitor import knn_at_init
 
     cfg = chatty_run["cfg"]
     threads = torch.get_num_threads()

@@ -11,16 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from mocoray.compare import compare_table
 from mocoray.config import DataConfig, TrackingConfig
 from mocoray.config.linear import EncoderConfig
 from mocoray.core.backbones import build_backbone
 from mocoray.data.fingerprint import dataset_records
 from mocoray.data.parquet import write_parquet_shards
 from mocoray.encoders import load_backbone, resolve_encoder
-from mocoray.registry import model_version, register_encoder
-from mocoray.tracking import BACKBONE_TAG, CHECKPOINT_TAG, JOB_TAG, start_run
-from mocoray.tracking_artifacts import encoder_info, environment_record, log_encoder
+from mocoray.tracking.artifacts import encoder_info, environment_record, log_encoder
+from mocoray.tracking.client import BACKBONE_TAG, CHECKPOINT_TAG, JOB_TAG, start_run
+from mocoray.tracking.compare import compare_table
+from mocoray.tracking.registry import model_version, register_encoder
 
 
 def _records(**fields) -> dict[str, object]:

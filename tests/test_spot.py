@@ -21,7 +21,7 @@ from PIL import Image
 from conftest import MlflowServer, free_port, tiny_pretrain_overrides
 from local_cluster import Driver, LocalCluster
 from mocoray.jobs.preemption import RECORD_FILE, read_record
-from mocoray.tracking_outbox import UNSENT_FILE
+from mocoray.tracking.outbox import UNSENT_FILE
 
 ACCESS_KEY, SECRET_KEY = "AKIAMOCORAYSPOTTEST1", "mocoray-spot-test-secret-do-not-write"
 BUCKET = "mocoray-spot"

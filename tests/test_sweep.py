@@ -18,9 +18,9 @@ from conftest import EXPERIMENTS, REPO
 from mocoray.cli import main
 from mocoray.config import ConfigError, SweepConfig, build, load_config, load_sweep_config
 from mocoray.config.sweep import trial_base
-from mocoray.jobs.linear import linear_eval_best
+from mocoray.jobs.linear.driver import linear_eval_best
 from mocoray.jobs.sweep import run_sweep, trial_run_name, tune_space
-from mocoray.tracking import JOB_TAG, STATUS_TAG, SWEEP_RUN_TAG
+from mocoray.tracking.client import JOB_TAG, STATUS_TAG, SWEEP_RUN_TAG
 
 TINY = EXPERIMENTS / "sweep_digits_tiny.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -255,10 +255,10 @@ def test_cpu_sweep_over_k_m_tau_tracks_every_trial_stops_some_early_and_returns_
 def test_a_trial_run_ended_killed_by_the_sweep_keeps_that_status_when_its_own_process_fails_later(tmp_path):
     """Tune's early stop and the stopped trial's own process race to end the trial's run: the sweep's KILLED
     (early_stopped) must stand, whichever order they come in; a run nobody else ended still gets FAILED."""
-    from mocoray.jobs.pretrain import close_tracking
+    from mocoray.jobs.pretrain.driver import close_tracking
     from mocoray.jobs.runtime import JobRun
     from mocoray.jobs.sweep.driver import _close_child, _early_stop_tags
-    from mocoray.tracking import start_run
+    from mocoray.tracking.client import start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = mlflow.MlflowClient(uri)

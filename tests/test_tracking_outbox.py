@@ -10,10 +10,10 @@ import pytest
 
 from conftest import free_port, tiny_pretrain_overrides
 from mocoray.config import load_config
-from mocoray.jobs.pretrain import PretrainFailed, close_tracking, run_pretrain
+from mocoray.jobs.pretrain.driver import PretrainFailed, close_tracking, run_pretrain
 from mocoray.jobs.runtime import JobRun
-from mocoray.tracking import MetricLogger, start_run
-from mocoray.tracking_outbox import UNSENT_FILE, describe
+from mocoray.tracking.client import MetricLogger, start_run
+from mocoray.tracking.outbox import UNSENT_FILE, describe
 
 
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

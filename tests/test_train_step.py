@@ -114,7 +114,7 @@ def test_flip_probability_and_colour_jitter_follow_the_recipe():
     assert mirrored_fraction(0.0) == 0.0 and mirrored_fraction(1.0) == 1.0
     assert 0.35 < mirrored_fraction(0.5) < 0.65
     from mocoray.config import load_config
-    from mocoray.jobs.pretrain import augment_spec
+    from mocoray.jobs.pretrain.views import augment_spec
 
     assert augment_spec(load_config(None, ["data.flip_p=0"])).flip_p == 0.0
     assert augment_spec(load_config(None, [])).flip_p == 0.5  # the paper's

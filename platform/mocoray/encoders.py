@@ -5,7 +5,7 @@ Sources: an MLflow pretraining run (its final checkpoint; where that path is not
 run's artifact (`runs:/ID/encoder`), a checkpoint directory (its `meta.json` says the architecture), an
 exported `backbone.pt`, an official MoCo checkpoint (`module.encoder_q.*` keys and its own `arch` entry),
 or random init. Paths may be local or any fsspec URL; artifacts are downloaded once per machine into
-the cache (`tracking_artifacts.cache_dir`).
+the cache (`tracking.artifacts.cache_dir`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from .checkpoints import backbone_from_state, load_checkpoint_file, read_meta
 from .config.common import TrackingConfig
 from .config.linear import EncoderConfig
 from .core.backbones import ARCHS, build_backbone
-from .registry import download_uri, model_version
-from .tracking import BACKBONE_TAG, CHECKPOINT_TAG, find_run_by_tag, resolve_tracking_uri, run_lineage
-from .tracking_artifacts import BACKBONE_FILE, ENCODER_INFO_FILE, download_cached, is_artifact_uri
+from .tracking.artifacts import BACKBONE_FILE, ENCODER_INFO_FILE, download_cached, is_artifact_uri
+from .tracking.client import BACKBONE_TAG, CHECKPOINT_TAG, find_run_by_tag, resolve_tracking_uri, run_lineage
+from .tracking.registry import download_uri, model_version
 
 log = logging.getLogger(__name__)
 RANDOM_INIT = "random-init"

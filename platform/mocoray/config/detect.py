@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..core.detection import FASTER_RCNN_OPTIONS, LAYOUTS
+from ..detection.model import FASTER_RCNN_OPTIONS, LAYOUTS
 from .common import RunConfig, Section, SGDConfig, TrackingConfig, build, parse_override, read_yaml
 from .linear import DownstreamConfig
 
@@ -70,7 +70,7 @@ class DetectDataConfig(Section):
 
 
 class DetectModelConfig(Section):
-    """torchvision's Faster R-CNN around the encoder (core/detection.py). Defaults: the paper's R50-C4."""
+    """torchvision's Faster R-CNN around the encoder (detection/model.py). Defaults: the paper's R50-C4."""
 
     layout: Literal[LAYOUTS] = Field(  # type: ignore[valid-type]
         "c4", description="c4: trunk to the 4th stage, last stage as the RoI box head (paper); fpn: FPN")

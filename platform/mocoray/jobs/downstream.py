@@ -10,7 +10,8 @@ from typing import TypeVar
 from ..config import dump_yaml, flatten
 from ..config.common import RunConfig
 from ..encoders import EncoderSource
-from ..tracking import (
+from ..tracking.artifacts import record_job_start
+from ..tracking.client import (
     CHECKPOINT_TAG,
     JOB_TAG,
     PRETRAIN_RUN_TAG,
@@ -19,7 +20,6 @@ from ..tracking import (
     resolve_tracking_uri,
     start_run,
 )
-from ..tracking_artifacts import record_job_start
 from . import interrupts, runtime
 from .runtime import JobRun
 

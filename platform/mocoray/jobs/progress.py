@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..config.pretrain import ProgressConfig
-from ..tracking import MetricLogger
+from ..tracking.client import MetricLogger
 from .runtime import console
 
 

@@ -16,7 +16,7 @@ import torch
 from .. import storage
 from ..checkpoints import newest_complete_checkpoint
 from ..config.common import ConfigError, RunConfig
-from ..tracking import STATUS_TAG, end_run, release_run_key, safely
+from ..tracking.client import STATUS_TAG, end_run, release_run_key, safely
 
 # The code uses Ray Train V2 (TrainController, Tune functions that fit their own trainer); Ray reads this
 # flag when ray.train is first imported.

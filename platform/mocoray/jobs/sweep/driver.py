@@ -29,7 +29,8 @@ from ...config import PretrainConfig, SweepConfig, build, dump_yaml
 from ...config.common import set_dotted
 from ...config.sweep import dump_sweep, max_epochs, resolve, trial_base
 from ...data.fingerprint import dataset_records
-from ...tracking import (
+from ...tracking.artifacts import command_argv, environment_record, record_job_start, set_command_line
+from ...tracking.client import (
     JOB_TAG,
     MLFLOW_PARENT_TAG,
     STATUS_TAG,
@@ -43,8 +44,7 @@ from ...tracking import (
     safely,
     start_run,
 )
-from ...tracking_artifacts import command_argv, environment_record, record_job_start, set_command_line
-from ..pretrain import run_pretrain
+from ..pretrain.driver import run_pretrain
 from ..runtime import init_ray
 from .report import best_config, make_plots, pick_best, python_value, trial_rows, trial_run_name, trial_table
 from .space import build_scheduler, concurrency, tune_space

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import storage
+from .. import storage
 
 UNSENT_FILE = "mlflow_unsent.json"
 BATCH_METRICS = 1000  # MLflow's log_batch limits

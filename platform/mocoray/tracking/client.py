@@ -2,7 +2,7 @@
 
 Only the driver creates and ends runs; rank 0 of a job logs metrics into the run the driver made
 (so a restarted worker group keeps writing to the same run). Logging never kills training: when the
-server is unreachable mid-run, training goes on and the metrics wait in an outbox (`tracking_outbox`).
+server is unreachable mid-run, training goes on and the metrics wait in an outbox (`tracking.outbox`).
 Unreachable when a job starts is an error (`require_server`): better than days of untracked training.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .tracking_outbox import MetricRow, Outbox
+from .outbox import MetricRow, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class MetricLogger:
     """Rank 0's metric writer for an existing run; tracking-server failures are reported, not raised.
 
     With an `outbox_url`, values the server did not take are kept (in memory and in that file) and sent,
-    oldest first, with the next call once the server answers again: see `tracking_outbox`.
+    oldest first, with the next call once the server answers again: see `tracking.outbox`.
     """
 
     def __init__(self, uri: str | None, run_id: str | None, outbox_url: str | None = None) -> None:

@@ -12,10 +12,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from . import storage
+from .. import storage
+from .artifacts import BACKBONE_FILE, ENCODER_ARTIFACT, encoder_info, encoder_uri, log_encoder
+from .client import client, run_lineage
 from .compare import downstream_results
-from .tracking import client, run_lineage
-from .tracking_artifacts import BACKBONE_FILE, ENCODER_ARTIFACT, encoder_info, encoder_uri, log_encoder
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))/?$")
 PRETRAIN_RUN_VERSION_TAG = "mocoray.pretrain_run_id"

@@ -1,18 +1,7 @@
-"""Detection transfer as a Ray Train job: `run_detection` (driver) and `train_loop_per_worker` (workers).
-
-Driver: resolve the encoder (`encoders.py`), check the dataset paths and build the detector with the
-encoder's weights once (a missing folder or an unfit checkpoint fails before Ray starts), open the
-MLflow run with its lineage tags, fit a TorchTrainer, link the pretraining run back, close the run.
-Worker: detection splits -> torchvision Faster R-CNN (C4 or FPN, `core/detection.py`) whose backbone
-holds the encoder's weights, DDP across workers -> passes of `core.det_engine.train_one_epoch` under an
-iteration-counted schedule -> `evaluate` on the validation split (every rank predicts its share, rank 0
-scores the merged predictions: COCO AP / AP50 / AP75, and the VOC07 11-point metrics for VOC) ->
-report (+ checkpoint) to Ray; rank 0 logs to MLflow.
-
-The run's position is its iteration count: a resumed or restarted run continues mid-pass exactly where
-its checkpoint was taken (same data order, same RNG states), so it ends with the weights an
-uninterrupted run ends with.
+"""The detection-transfer worker: `train_loop_per_worker` (what Ray Train runs on every worker), the
+detector built around the encoder, its checkpoint state, and evaluation on the validation split.
 """
+
 
 from __future__ import annotations
 
@@ -26,51 +15,33 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from .. import __version__, storage
-from ..checkpoints import restore_training_checkpoint, save_training_checkpoint
-from ..config.detect import PATH_FIELDS, DetectConfig, DetectDataConfig
-from ..core.amp import AMP_DTYPES
-from ..core.det_engine import evaluate, gather_on_rank0, train_one_epoch
-from ..core.det_eval import coco_metrics, voc07_metrics
-from ..core.detection import build_detector, load_encoder_backbone
-from ..core.distributed import all_reduce_sum, rank_world
-from ..core.moco import NonFiniteLossError, unwrap
-from ..core.schedule import lr_at
-from ..data import SkipCorrupt, check_paths, take
-from ..data.detection import (
+from ... import __version__
+from ...checkpoints import restore_training_checkpoint, save_training_checkpoint
+from ...config.detect import DetectConfig, DetectDataConfig
+from ...core.amp import AMP_DTYPES
+from ...core.distributed import all_reduce_sum, rank_world
+from ...core.moco import NonFiniteLossError, unwrap
+from ...core.schedule import lr_at
+from ...data import SkipCorrupt, take
+from ...data.detection import (
     FileDetections,
     RandomHorizontalFlip,
     ScatteredDigitsDet,
-    check_voc_sets,
     coco_detection,
     collate_detection,
     scattered_digits_det,
     voc_detection,
 )
-from ..data.fingerprint import detection_records
-from ..encoders import EncoderSource, backbone_state_dict, resolve_encoder, weights_path
-from ..registry import tag_versions_with_results
-from ..tracking import STATUS_TAG, MetricLogger, safely
-from ..tracking_artifacts import log_environment
-from . import interrupts, runtime
-from .downstream import downstream_trainer, link_back, open_downstream_run, run_guarded
-from .faults import Faults
+from ...detection.engine import evaluate, gather_on_rank0, train_one_epoch
+from ...detection.evaluation import coco_metrics, voc07_metrics
+from ...detection.model import build_detector, load_encoder_backbone
+from ...encoders import EncoderSource, backbone_state_dict, weights_path
+from ...tracking.artifacts import log_environment
+from ...tracking.client import STATUS_TAG, MetricLogger
+from .. import runtime
+from ..faults import Faults
 
-DETECTION_RUN_TAG = "mocoray.detection_run_id"  # set on the pretraining run: its newest detection transfer
-DETECTOR_CHECKPOINT_TAG = "mocoray.detector_checkpoint"  # the detection run's own final checkpoint
 NORM_TAG = "mocoray.norm_effective"
-
-
-class DetectionFailed(RuntimeError):
-    """The detection run did not complete; `result` holds what it left behind, if anything."""
-
-    def __init__(self, message: str, result: DetectionResult | None = None) -> None:
-        super().__init__(message)
-        self.result = result
-
-
-# ---------------------------------------------------------------------------------------------------
-# Worker: building blocks
 
 
 DetectionSet = FileDetections | ScatteredDigitsDet  # each has .classes, .num_classes, .counts
@@ -200,10 +171,6 @@ def _epoch_line(m: dict, total: int) -> str:
             f"lr {m['lr']:.4g}  {m['images_per_s']:.1f} images/s  {m['epoch_time_s']:.1f}s")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Worker: the loop
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -305,89 +272,3 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         runtime.write_status(loop_config["status_url"], {"status": "completed", "epoch": state.epoch,
                                                          "step": state.global_step, **state.metrics})
-
-
-# ---------------------------------------------------------------------------------------------------
-# Driver
-
-
-@dataclass
-class DetectionResult:
-    run_dir: str
-    checkpoint: str | None  # this run's final checkpoint (the trained detector)
-    metrics: dict[str, Any]
-    status: str
-    mlflow_run_id: str | None
-    tracking_uri: str | None
-    encoder: EncoderSource
-
-
-def with_absolute_paths(cfg: DetectConfig) -> DetectConfig:
-    """A copy whose local dataset paths are absolute: Ray workers run in their own scratch directories."""
-    cfg = cfg.model_copy(deep=True)
-    for name in PATH_FIELDS:
-        if getattr(cfg.data, name):
-            setattr(cfg.data, name, storage.absolute(getattr(cfg.data, name)))
-    return cfg
-
-
-def check_data(data: DetectDataConfig) -> None:
-    """Missing dataset paths (and, for VOC, year folders and split files), named before Ray starts."""
-    check_paths(data, PATH_FIELDS)  # type: ignore[arg-type]
-    if data.name == "voc":
-        check_voc_sets(str(data.root), data.train_sets, "data.root")
-        val_field = "data.val_root" if data.val_root else "data.root"
-        check_voc_sets(str(data.val_root or data.root), data.val_sets, val_field)
-
-
-def _open_mlflow_run(cfg: DetectConfig, encoder: EncoderSource, run_dir: str, uri: str) -> str:
-    return open_downstream_run(uri, cfg, encoder, run_dir, "detection",
-                               f"Detection transfer ({cfg.model.layout}, {cfg.data.name})",
-                               params={"model.norm_effective": cfg.model.effective_norm(cfg.run)})
-
-
-def run_detection(cfg: DetectConfig, address: str | None = None, resume: bool = False,
-                  faults: Faults | None = None) -> DetectionResult:
-    """Run (or, with `resume`, continue) one detection transfer; returns where its results are (raises
-    DetectionFailed otherwise). `faults` injects failures (tests only)."""
-    cfg = with_absolute_paths(cfg)
-    check_data(cfg.data)
-    encoder = resolve_encoder(cfg.encoder, cfg.tracking)
-    # build once here, on plain BN (SyncBatchNorm needs the GPU workers): a checkpoint of another
-    # architecture, or detector options that do not fit it, fail before Ray starts
-    build_model(cfg, encoder, num_classes=1, norm="bn")
-    return run_guarded(cfg.run, resume, address, DetectionFailed,
-                       lambda job: _fit(job, cfg, encoder, faults or Faults(), resume))
-
-
-def _fit(job: runtime.JobRun, cfg: DetectConfig, encoder: EncoderSource, faults: Faults, resume: bool
-         ) -> DetectionResult:
-    try:
-        result = interrupts.fit(downstream_trainer(job, cfg, encoder, faults, _open_mlflow_run,
-                                                   lambda: detection_records(cfg.data), train_loop_per_worker))
-    except Exception as err:  # nothing to resume unless a checkpoint was written
-        job.end_tracking("FAILED", {STATUS_TAG: "failed"})
-        job.free_name_unless_checkpointed(resume)
-        raise DetectionFailed(f"detection run {cfg.run.name!r} failed: {err}") from err
-
-    status = job.status() or {"status": "unknown"}
-    checkpoint = runtime.checkpoint_url(result, job.storage_path)
-    out = DetectionResult(run_dir=job.run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}),
-                          status=status["status"], mlflow_run_id=job.mlflow_run_id,
-                          tracking_uri=job.tracking_uri, encoder=encoder)
-    tags = {STATUS_TAG: status["status"]}
-    if checkpoint:
-        tags[DETECTOR_CHECKPOINT_TAG] = checkpoint
-    if status["status"] != "completed":
-        job.end_tracking("FAILED", tags)
-        if status["status"] == "nonfinite_loss":
-            raise DetectionFailed(
-                f"stopped: non-finite loss in pass {status['epoch']} ({status['message']}). The last good "
-                f"checkpoint is kept: {checkpoint or 'none was written yet'}. "
-                "Lower optim.lr, raise optim.warmup, set optim.clip_grad_norm, or check the data.", out)
-        raise DetectionFailed(f"detection run {cfg.run.name!r} ended with status {status['status']!r}", out)
-    link_back(job, encoder, DETECTION_RUN_TAG)
-    job.end_tracking("FINISHED", tags)
-    if job.mlflow_run_id and encoder.pretrain_run_id:  # registered versions of the encoder show the new AP
-        safely("tagging registered versions", tag_versions_with_results, job.tracking_uri, encoder.pretrain_run_id)
-    return out

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from . import __version__, storage
-from .data.fingerprint import DatasetRecord, digest_of
-from .tracking import ENCODER_TAG, client, safely
+from .. import __version__, storage
+from ..data.fingerprint import DatasetRecord, digest_of
+from .client import ENCODER_TAG, client, safely
 
 CONFIG_ARTIFACT = "config.yaml"
 COMMAND_ARTIFACT = "command.txt"

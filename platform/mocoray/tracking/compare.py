@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .table import FORMATS, render_table
-from .tracking import JOB_TAG, PRETRAIN_RUN_TAG, client, effective_params, resolve_tracking_uri
+from ..table import FORMATS, render_table
+from .client import JOB_TAG, PRETRAIN_RUN_TAG, client, effective_params, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .moco import NonFiniteLossError, count_nonfinite_ranks
+from ..core.moco import NonFiniteLossError, count_nonfinite_ranks
 
 
 @dataclass
@@ -110,7 +110,7 @@ def evaluate(
     model: nn.Module, batches: Iterable[tuple], *, device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, dict]]:
-    """(predictions, ground truth), both {image_id: dict} on the CPU, for `core.det_eval`.
+    """(predictions, ground truth), both {image_id: dict} on the CPU, for `detection.evaluation`.
 
     Keyed by image id, so the duplicates a DistributedSampler pads with, or a skipped corrupt image's
     stand-in, count once when the ranks' dicts are merged."""

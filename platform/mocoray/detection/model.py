@@ -39,8 +39,8 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .backbones import SmallResNet, build_backbone
+from ..core.augment import IMAGENET_MEAN, IMAGENET_STD
+from ..core.backbones import SmallResNet, build_backbone
 
 LAYOUTS = ("c4", "fpn")
 NORMS = ("frozen", "bn", "syncbn")
@@ -215,7 +215,7 @@ def load_encoder_backbone(detector: nn.Module, state: Mapping[str, torch.Tensor]
     module = detector.module if isinstance(detector, nn.parallel.DistributedDataParallel) else detector
     prefixes = getattr(module, PREFIXES_ATTR, None)
     if prefixes is None:
-        raise ValueError("this detector was not built by core.detection.build_detector "
+        raise ValueError("this detector was not built by detection.model.build_detector "
                          "(it has no encoder prefixes)")
     target = module.state_dict()
     mapping: dict[str, str] = {}
