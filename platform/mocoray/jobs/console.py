@@ -24,6 +24,7 @@ LOCAL_LOG_DIR = "mocoray_logs"  # for a run directory on object storage, which c
 # Ray Train / Tune / Data workers give their loggers their own handlers (no propagation to "ray"): each is named
 QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "mlflow", "py.warnings", "alembic", "urllib3", "filelock")
 POLL_S = 0.2
+DRAIN_TIMEOUT_S = 10.0
 BAR_WIDTH = 24
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -37,11 +38,13 @@ def log_file_for(run_dir: str) -> str:
     return os.path.join(run_dir.removeprefix("file://"), LOG_FILE)
 
 
-def file_handler(path: str, tag: str = "") -> logging.Handler | None:
+def file_handler(path: str, tag: str = "", create_folder: bool = True) -> logging.Handler | None:
     """Ray's and MLflow's loggers (and Python warnings, when captured) of this process also write to `path`.
-    Returns the handler (None: the file cannot be opened here, e.g. a worker on a node without the run's folder)."""
+    Returns the handler (None: the file cannot be opened here, e.g. a worker on a node without the run's folder,
+    which it must not create there)."""
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if create_folder:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         handler: logging.Handler = logging.FileHandler(path)
     except OSError:
         return None
@@ -176,7 +179,7 @@ class Terminal:
         with self.lock:
             if self.mailbox is None:
                 return
-            for kind, payload in ray.get(self.mailbox.drain.remote()):
+            for kind, payload in ray.get(self.mailbox.drain.remote(), timeout=DRAIN_TIMEOUT_S):
                 if kind == "progress":
                     self.stream.write("\r" + progress_bar(payload) + "\x1b[K")
                     self.bar_shown = True

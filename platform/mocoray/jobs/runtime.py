@@ -63,7 +63,7 @@ def start_worker_console(loop_config: dict, rank: int) -> None:
     _sink = loop_config.get("console")
     _progress.setLevel(logging.INFO)
     if _sink and _sink.get("log_file"):
-        file_handler(_sink["log_file"], tag=f"(rank {rank}) ")
+        file_handler(_sink["log_file"], tag=f"(rank {rank}) ", create_folder=False)
     try:
         from ray.train.v2._internal.execution import context  # its logger is named after its file
 
