@@ -1,10 +1,14 @@
-"""What a pretraining run tells while it runs: progress inside an epoch, step-level metrics, a fair baseline."""
+"""What a pretraining run tells while it runs: a quiet terminal with progress inside an epoch (a bar on a TTY,
+lines otherwise), Ray's and MLflow's own lines in the run's log file, step-level metrics, a fair baseline."""
 
 from __future__ import annotations
 
+import os
+import pty
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -31,7 +35,65 @@ def chatty_run(ray_session, tmp_path_factory):
     c = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     (run,) = c.search_runs([c.get_experiment_by_name("tests").experiment_id])
     cfg = load_config(DEFAULT_RECIPE, overrides)  # what the command ran (the embedded recipe, made tiny)
-    return {"cfg": cfg, "output": out.stdout + out.stderr, "client": c, "run": run}
+    return {"cfg": cfg, "output": out.stdout + out.stderr, "client": c, "run": run,
+            "log": Path(cfg.run.storage_path) / cfg.run.name / "mocoray.log"}
+
+
+def _run_on_a_pty(cmd: list[str]) -> tuple[int, str]:
+    """`cmd` with a pseudo-terminal as its stdout and stderr (what a user's shell gives it); all it wrote."""
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, close_fds=True)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the pty's other end closed: the command and everything it started are done writing
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def tty_run(ray_session, tmp_path_factory):
+    """The same tiny `mocoray pretrain` with its output on a pseudo-terminal, at the default progress settings."""
+    tmp = tmp_path_factory.mktemp("progress_tty")
+    overrides = tiny_pretrain_overrides(tmp, "on-a-tty")
+    rc, output = _run_on_a_pty([sys.executable, "-m", "mocoray.cli", "pretrain", "--address",
+                                ray_session.get_runtime_context().gcs_address, *[f"--set={o}" for o in overrides]])
+    assert rc == 0, output[-3000:]
+    return output
+
+
+# Ray's and MLflow's log lines (levels), Python warnings, lines Ray forwards from its processes (prefixed)
+RAY_OR_MLFLOW_LINE = re.compile(r"WARNING|INFO|Warning:|\((RayTrainWorker|TrainController|pid=)|core_worker")
+
+
+def test_the_terminal_shows_our_lines_only_and_the_log_file_holds_the_rest(chatty_run):
+    """Not a TTY (CI, piped output): no Ray or MLflow line, no per-worker prefix, at most one checkpoint mention
+    per epoch; what Ray said (the workers' checkpoint messages among it) is in <run dir>/mocoray.log."""
+    output = chatty_run["output"]
+    noise = [line for line in output.splitlines() if RAY_OR_MLFLOW_LINE.search(line)]
+    assert not noise, output[-3000:]
+    assert "\r" not in output and "\x1b[" not in output  # no bar drawn where nobody watches it redraw
+    assert len(re.findall("checkpoint", output, re.IGNORECASE)) <= 2, output
+    assert re.search(r"^epoch 2/2  loss \d", output, re.MULTILINE), output[-3000:]
+    assert "kNN top-1 at init" in output and "MLflow run:" in output
+    log = chatty_run["log"].read_text()
+    assert "Checkpoint successfully created" in log and "(rank 0)" in log, log[-3000:]
+
+
+def test_on_a_tty_a_progress_bar_is_redrawn_in_place_within_each_epoch(tty_run):
+    bars = re.findall(r"\repoch (\d)/2 \[[#-]{24}\] (\d)/4  loss \d+\.\d{4}  \d+ pairs/s  ETA \d+:\d\d\x1b\[K", tty_run)
+    assert {epoch for epoch, _ in bars} == {"1", "2"}, tty_run[-3000:]
+    assert ("1", "4") in bars and ("2", "4") in bars  # the last step of each epoch is always drawn
+    lines = tty_run.replace("\r\n", "\n").replace("\x1b[K", "").split("\n")
+    epoch_lines = [line.rsplit("\r", 1)[-1] for line in lines if "loss" in line and "acc" in line]
+    assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"], tty_run[-3000:]  # the bar gave way to them
+    assert not [line for line in lines if RAY_OR_MLFLOW_LINE.search(line)], tty_run[-3000:]
 
 
 def _history(chatty_run, key: str) -> dict[int, float]:

@@ -13,6 +13,13 @@ import sys
 from ..config import ConfigError
 
 
+def _own_terminal(args: argparse.Namespace) -> None:
+    """The job about to run prints through this process's terminal (see jobs/console.py); before Ray starts."""
+    from ..jobs.console import own_terminal
+
+    own_terminal(args.verbose)
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..config.pretrain import DEFAULT_RECIPE
@@ -21,6 +28,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe or DEFAULT_RECIPE, args.overrides)
     if args.print_config:
         return _print_config(cfg)
+    _own_terminal(args)
     try:
         res = run_pretrain(cfg, address=args.address, resume=args.resume, resume_from=args.resume_from)
     except PretrainFailed as err:
@@ -130,6 +138,7 @@ def _cmd_linear_eval(args: argparse.Namespace) -> int:
     cfg = load_linear_config(args.recipe, args.overrides, _encoder_flags(args))
     if args.print_config:
         return _print_config(cfg)
+    _own_terminal(args)
     return _linear_eval(cfg, args.address, args.resume)
 
 
@@ -154,6 +163,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         print(f"# model.norm {cfg.model.norm} resolves to {cfg.model.effective_norm(cfg.run)} "
               f"(run.use_gpu={cfg.run.use_gpu}, run.num_workers={cfg.run.num_workers})")
         return _print_config(cfg)
+    _own_terminal(args)
     return _detect(cfg, args.address, args.resume)
 
 
@@ -194,6 +204,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         if args.print_config:
             print(dump_sweep(sweep), end="")
             return 0
+        _own_terminal(args)
         res = run_sweep(sweep, address=args.address, resume=bool(args.resume), retry_errored=args.retry_errored)
     except SweepFailed as err:
         print(f"mocoray sweep: {err}", file=sys.stderr)

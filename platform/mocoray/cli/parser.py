@@ -29,6 +29,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set moco.queue_size=4096 (repeatable)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    _add_verbose_arg(p)
+
+
+def _add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's and MLflow's own log lines and the workers' output on the terminal "
+                        "(always written to the run's mocoray.log); progress as plain lines")
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep field (num_samples=8, space.moco.queue_size={grid: [1024, 4096]}) or, "
                         "otherwise, base-recipe field (optim.epochs=3); repeatable")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    _add_verbose_arg(p)
     p.add_argument("--resume", default=None, metavar="SWEEP_DIR",
                    help="continue the interrupted sweep in <storage_path>/<name> (finished trials are kept)")
     p.add_argument("--retry-errored", action="store_true", help="with --resume: run errored trials again")

@@ -17,30 +17,68 @@ from .. import storage
 from ..checkpoints import newest_complete_checkpoint
 from ..config.common import ConfigError, RunConfig
 from ..tracking.client import STATUS_TAG, end_run, release_run_key, safely
+from . import interrupts
+from .console import file_handler, log_to_driver, run_started, worker_sink
+from .console import flush as flush_console
 
 # The code uses Ray Train V2 (TrainController, Tune functions that fit their own trainer); Ray reads this
 # flag when ray.train is first imported.
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 _progress = logging.getLogger("mocoray.progress")
+_sink: dict | None = None  # how this worker reaches the driver's terminal (jobs/console.py); None: Ray's log forwarding
+MAILBOX_TIMEOUT_S = 10.0
 
 STATUS_FILE = "mocoray_status.json"  # how a job's rank 0 tells the driver how it ended
 
 
 def console(message: str) -> None:
-    """One line for the person watching the job (Ray forwards worker logs to the driver's console)."""
+    """One line for the person watching the job: through the driver's terminal if it gave one (the line
+    arrives before the call returns, in order), else through Ray's forwarding of worker logs."""
+    if _sink is not None:
+        import ray
+
+        try:
+            ray.get(_sink["mailbox"].put.remote(("line", _sink["prefix"] + message)), timeout=MAILBOX_TIMEOUT_S)
+            return
+        except Exception:  # the driver (and its mailbox) is gone: the line still goes to this worker's log
+            pass
     _progress.info(message)
 
 
-def quiet_ray_worker_logs() -> None:
-    """Ray Train logs every report at INFO; our per-epoch line already says what matters."""
+def console_progress(progress: dict) -> bool:
+    """Redraw the driver's progress bar (fire and forget: the next update redraws it anyway). False: the
+    driver shows no bar (not a TTY, --verbose, or no terminal): print progress lines with `console`."""
+    if _sink is None or not _sink["bar"]:
+        return False
+    _sink["mailbox"].put.remote(("progress", progress))
+    return True
+
+
+def start_worker_console(loop_config: dict, rank: int) -> None:
+    """On every worker, at the start of a run: where `console` sends its lines, and Ray's and MLflow's log
+    lines of this process written to the run's log file too. Ray Train logs every report at INFO; our
+    per-epoch line already says what matters."""
+    global _sink
+    _sink = loop_config.get("console")
     _progress.setLevel(logging.INFO)
+    if _sink and _sink.get("log_file"):
+        file_handler(_sink["log_file"], tag=f"(rank {rank}) ", create_folder=False)
     try:
         from ray.train.v2._internal.execution import context  # its logger is named after its file
 
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
     except ImportError:  # another Ray layout: keep its logs
         pass
+
+
+def fit(trainer):
+    """`trainer.fit()`, interruptible (see `interrupts.fit`); when it returns or raises, the terminal shows
+    every line the workers sent."""
+    try:
+        return interrupts.fit(trainer)
+    finally:
+        flush_console()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -93,7 +131,8 @@ def check_ray_address(address: str, where: str) -> None:
 
 
 def init_ray(address: str | None = None) -> None:
-    """Connect to `address`/$RAY_ADDRESS, or start a local Ray bound to 127.0.0.1."""
+    """Connect to `address`/$RAY_ADDRESS, or start a local Ray bound to 127.0.0.1. Workers' output is forwarded
+    here only when the terminal is verbose (or not ours): see `console.log_to_driver`."""
     import ray
 
     if ray.is_initialized():
@@ -102,11 +141,11 @@ def init_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_ray_address(address, where)
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=log_to_driver())
     else:
         port = free_port()
         with local_cluster_env(port):
-            ray.init(dashboard_host="127.0.0.1", dashboard_port=port)  # the dashboard cleans up stopped trials' resources
+            ray.init(dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=log_to_driver())  # the dashboard cleans up stopped trials' resources
 
 
 def run_dir_of(run: RunConfig) -> str:
@@ -167,7 +206,9 @@ class JobRun:
     def prepare(cls, run: RunConfig, resume: bool) -> JobRun:
         """The run's folder checked (new, or existing with `resume`) and created; see `prepare_run_dir`."""
         run_dir = run_dir_of(run)
-        return cls(storage.absolute(run.storage_path), run_dir, prepare_run_dir(run_dir, run.name, resume))
+        job = cls(storage.absolute(run.storage_path), run_dir, prepare_run_dir(run_dir, run.name, resume))
+        run_started(run_dir)
+        return job
 
     def open_tracking(self, tracking_uri: str, open_run: Callable[..., str], *args) -> None:
         """`open_run(*args)` creates (or reopens) the MLflow run; if tracking is down, the job runs without."""
@@ -177,7 +218,7 @@ class JobRun:
     def loop_config(self, **job_fields) -> dict:
         """What every worker loop gets besides its job's own fields."""
         return {"tracking_uri": self.tracking_uri, "mlflow_run_id": self.mlflow_run_id,
-                "status_url": self.status_url, **job_fields}
+                "status_url": self.status_url, "console": worker_sink(self.run_dir), **job_fields}
 
     def status(self) -> dict | None:
         return read_status(self.status_url)

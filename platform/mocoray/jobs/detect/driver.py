@@ -30,7 +30,7 @@ from ...data.fingerprint import detection_records
 from ...encoders import EncoderSource, resolve_encoder
 from ...tracking.client import STATUS_TAG, safely
 from ...tracking.registry import tag_versions_with_results
-from .. import interrupts, runtime
+from .. import runtime
 from ..downstream import downstream_trainer, link_back, open_downstream_run, run_guarded
 from ..faults import Faults
 from .loop import build_model, train_loop_per_worker
@@ -97,7 +97,7 @@ def run_detection(cfg: DetectConfig, address: str | None = None, resume: bool = 
 def _fit(job: runtime.JobRun, cfg: DetectConfig, encoder: EncoderSource, faults: Faults, resume: bool
          ) -> DetectionResult:
     try:
-        result = interrupts.fit(downstream_trainer(job, cfg, encoder, faults, _open_mlflow_run,
+        result = runtime.fit(downstream_trainer(job, cfg, encoder, faults, _open_mlflow_run,
                                                    lambda: detection_records(cfg.data), train_loop_per_worker))
     except Exception as err:  # nothing to resume unless a checkpoint was written
         job.end_tracking("FAILED", {STATUS_TAG: "failed"})

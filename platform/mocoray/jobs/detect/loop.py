@@ -178,8 +178,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = DetectConfig.model_validate(loop_config["cfg"])
     encoder = EncoderSource(**loop_config["encoder"])
     faults = Faults(**loop_config["faults"])
-    runtime.quiet_ray_worker_logs()
     rank, world = rank_world()
+    runtime.start_worker_console(loop_config, rank)
     device = runtime.worker_device(cfg.run)
     norm = cfg.model.effective_norm(cfg.run)
 

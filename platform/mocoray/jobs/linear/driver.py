@@ -34,7 +34,7 @@ from ...tracking.client import (
     safely,
 )
 from ...tracking.registry import tag_versions_with_results
-from .. import interrupts, runtime
+from .. import runtime
 from ..downstream import downstream_trainer, link_back, open_downstream_run, run_guarded
 from ..faults import Faults
 from ..preflight import check_linear_inputs
@@ -93,7 +93,7 @@ def _fit(job: runtime.JobRun, cfg: LinearConfig, encoder: EncoderSource, faults:
     trainer = downstream_trainer(job, cfg, encoder, faults, _open_mlflow_run, lambda: dataset_records(cfg.data),
                                  train_loop_per_worker)
     try:
-        result = interrupts.fit(trainer)
+        result = runtime.fit(trainer)
         error = None
     except Exception as err:
         result, error = None, err

@@ -137,8 +137,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = LinearConfig.model_validate(loop_config["cfg"])
     encoder = EncoderSource(**loop_config["encoder"])
     unfrozen = Faults(**loop_config["faults"]).unfreeze_backbone
-    runtime.quiet_ray_worker_logs()
     rank, world = rank_world()
+    runtime.start_worker_console(loop_config, rank)
     device = runtime.worker_device(cfg.run)
 
     train_raw, val_raw, num_classes = labelled_splits(cfg.data)

@@ -186,7 +186,7 @@ def _fit(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None, re
                                          resize_check_s=cfg.run.resize_check_s if cfg.run.elastic else None,
                                          max_preemptions=cfg.run.max_preemptions)
     try:
-        result = interrupts.fit(trainer)
+        result = runtime.fit(trainer)
     except Exception as err:
         # a run already ended elsewhere keeps its status: Tune's early stop ends a trial's run KILLED, and
         # the trial's own process may see its Train controller torn down (and fail) after that

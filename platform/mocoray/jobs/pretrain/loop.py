@@ -183,9 +183,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = PretrainConfig.model_validate(loop_config["cfg"])
     faults = Faults(**loop_config["faults"])
-    runtime.quiet_ray_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    runtime.start_worker_console(loop_config, rank)
     device = runtime.worker_device(cfg.run)
 
     data = build_pretrain_data(cfg.data)

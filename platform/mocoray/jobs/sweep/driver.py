@@ -44,6 +44,7 @@ from ...tracking.client import (
     safely,
     start_run,
 )
+from .. import console
 from ..pretrain.driver import run_pretrain
 from ..runtime import init_ray
 from .report import best_config, make_plots, pick_best, python_value, trial_rows, trial_run_name, trial_table
@@ -78,16 +79,18 @@ def trial_dirname(trial) -> str:
 
 
 def run_trial(config: dict[str, Any], template: dict[str, Any], sweep_name: str, parent_run_id: str | None,
-              command: list[str] | None = None) -> None:
+              command: list[str] | None = None, console_sink: dict | None = None) -> None:
     """One Tune trial: the template config + this trial's values -> a full pretraining run on Ray Train.
 
-    `command` is the sweep's command line, which the trial's run records as its own."""
+    `command` is the sweep's command line, which the trial's run records as its own; `console_sink` is the
+    sweep's terminal, where the trial's lines go, prefixed with its id."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     if command:
         set_command_line(command)
     trial_id = tune.get_context().get_trial_id()
+    console.adopt(console_sink, f"[trial {trial_id}] ")
     data = copy.deepcopy(template)
     for key, value in config.items():
         set_dotted(data, key, python_value(value))
@@ -205,6 +208,7 @@ def run_sweep(
     template["run"]["storage_path"] = train_storage
 
     init_ray(address)
+    console.run_started(sweep_dir)
     max_concurrent = concurrency(sweep, base)
 
     uri = parent_id = None
@@ -219,7 +223,7 @@ def run_sweep(
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, template=template, sweep_name=sweep.name, parent_run_id=parent_id,
-                             command=command_argv()),
+                             command=command_argv(), console_sink=console.sweep_sink(sweep_dir)),
         {"cpu": sweep.resources.trial_cpus},
     )
     print(f"[mocoray] sweep {sweep.name!r} in {sweep_dir}: {len(sweep.space)} field(s), "
@@ -243,6 +247,7 @@ def run_sweep(
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     results = tuner.fit()
+    console.flush()
 
     if len(results) > results.num_terminated + results.num_errors:
         if parent_id:
