@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.utils.validation import _validate_metric_name
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
@@ -29,7 +30,7 @@ from mocoray.detection.engine import train_one_epoch
 from mocoray.detection.model import PREFIXES_ATTR
 from mocoray.encoders import load_backbone, resolve_encoder
 from mocoray.jobs.detect.driver import DetectionFailed, run_detection
-from mocoray.jobs.detect.loop import build_model
+from mocoray.jobs.detect.loop import build_model, per_class_keys
 from mocoray.jobs.faults import Faults
 from mocoray.jobs.linear.driver import run_linear_eval
 from mocoray.tracking.compare import compare_table
@@ -444,6 +445,14 @@ def test_pretrain_then_detect_on_a_voc_folder_with_the_paper_recipe_shrunk(digit
     assert len(classes) == 20 and classes[11] == "dog"
     assert sorted(k for k in m if k.startswith("VOC07_AP50.")) == ["VOC07_AP50.dog"]  # the test cat is difficult
     assert m["VOC07_AP50"] == m["VOC07_AP50.dog"]
+
+
+def test_per_class_metric_names_are_ones_mlflow_takes_and_stay_distinct():
+    keys = per_class_keys("VOC07_AP50", ["traffic light", "a/b", "a_b", "c+", "../x", "straße"])
+    assert keys == ["VOC07_AP50.traffic light", "VOC07_AP50.a_b_2", "VOC07_AP50.a_b_3", "VOC07_AP50.c_",
+                    "VOC07_AP50._x", "VOC07_AP50.straße"]
+    for key in keys:
+        _validate_metric_name(key)
 
 
 def _fruit_folder(voc: Path) -> None:

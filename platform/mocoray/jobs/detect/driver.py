@@ -1,8 +1,8 @@
 """Detection transfer as a Ray Train job: the driver, `run_detection` (the worker is `loop.py`).
 
-Driver: resolve the encoder (`encoders.py`), check the dataset paths and build the detector with the
-encoder's weights once (a missing folder or an unfit checkpoint fails before Ray starts), open the
-MLflow run with its lineage tags, fit a TorchTrainer, link the pretraining run back, close the run.
+Driver: check the dataset paths and (VOC) its class list, resolve the encoder (`encoders.py`), build the
+detector with the encoder's weights once (a missing folder, a bad class list or an unfit checkpoint
+fails before Ray starts), open the MLflow run with its lineage tags, fit a TorchTrainer, link the pretraining run back, close the run.
 Worker: detection splits -> torchvision Faster R-CNN (C4 or FPN, `detection/model.py`) whose backbone
 holds the encoder's weights, DDP across workers -> passes of `detection.engine.train_one_epoch` under an
 iteration-counted schedule -> `evaluate` on the validation split (every rank predicts its share, rank 0
