@@ -188,6 +188,9 @@ def test_voc_classes_come_from_data_classes_then_labels_txt_then_vocs_20(tmp_pat
     (tmp_path / "fruit" / "labels.txt").write_text("\n \n")
     with pytest.raises(ValueError, match=r"fruit/labels.txt: no class names"):
         voc_class_list(None, both)
+    assert voc_class_list(["apple"], both).note.endswith("fruit/labels.txt lists other classes and is ignored")
+    (tmp_path / "fruit" / "labels.txt").write_bytes("apple\r\npear\r\n".encode("utf-8-sig"))  # a Windows editor's
+    assert voc_class_list(None, both).names == ["apple", "pear"]
 
 
 def test_voc_object_of_an_unlisted_class_names_the_file_the_class_and_where_classes_are_listed(tmp_path) -> None:

@@ -87,7 +87,11 @@ class ClassList:
 
 def read_labels_file(fs: AbstractFileSystem, path: str) -> list[str]:
     """The class names of a labels.txt: one per line, blank lines and surrounding whitespace ignored."""
-    names = [line.strip() for line in read_bytes(fs, path).decode().splitlines() if line.strip()]
+    try:
+        text = read_bytes(fs, path).decode("utf-8-sig")  # a byte-order mark (Windows editors) is not a name
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{display(fs, path)}: not UTF-8 text ({err})") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     problem = class_list_problem(names)
     if problem:
         raise ValueError(f"{display(fs, path)}: {problem}")
@@ -109,10 +113,18 @@ def voc_class_list(
 ) -> ClassList:
     """The classes of a VOC dataset: `explicit` (data.classes) when given, else the labels.txt files of
     `places` ((root, sets, field) of each split; they must agree), else VOC's 20 classes."""
-    found: dict[str, list[str]] = {}
+    found: dict[str, list[str] | None] = {}
     for root, sets, field in places:
         for fs, path in _labels_files(root, sets, field):
-            found.setdefault(display(fs, path), read_labels_file(fs, path))
+            where = display(fs, path)
+            if where in found:
+                continue
+            try:
+                found[where] = read_labels_file(fs, path)
+            except ValueError:
+                if explicit is None:
+                    raise
+                found[where] = None  # unusable, and overridden anyway: only noted
     if explicit is not None:
         names = [n.strip() for n in explicit]
         other = [path for path, listed in found.items() if listed != names]
@@ -127,7 +139,7 @@ def voc_class_list(
                 raise ValueError(f"{places[0][2]}: {lists[0][0]} ({_shown(lists[0][1])}) and {path} "
                                  f"({_shown(listed)}) list different classes; keep one labels.txt, or set "
                                  "data.classes (which takes precedence)")
-        return ClassList(lists[0][1], ", ".join(found))
+        return ClassList(lists[0][1], ", ".join(found))  # type: ignore[arg-type]
     return ClassList(list(VOC_CLASSES), "VOC's 20 classes (no data.classes, no labels.txt)")
 
 
