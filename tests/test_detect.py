@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.utils.validation import _validate_metric_name
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
@@ -29,7 +30,7 @@ from mocoray.detection.engine import train_one_epoch
 from mocoray.detection.model import PREFIXES_ATTR
 from mocoray.encoders import load_backbone, resolve_encoder
 from mocoray.jobs.detect.driver import DetectionFailed, run_detection
-from mocoray.jobs.detect.loop import build_model
+from mocoray.jobs.detect.loop import build_model, per_class_keys
 from mocoray.jobs.faults import Faults
 from mocoray.jobs.linear.driver import run_linear_eval
 from mocoray.tracking.compare import compare_table
@@ -105,6 +106,14 @@ def test_recipes_hold_the_papers_schedule_and_norm_auto_resolves_per_hardware(ca
     (["optim.steps=[1]"], r"optim.steps: unknown field \(the lr steps are optim.milestones \(iterations\)"),
     (["model.arch=resnet50"], r"model.arch: unknown field \(the architecture is the encoder's"),
     (["model.layout=c5"], r"model.layout='c5': Input should be 'c4' or 'fpn'"),
+    (["data.classes=[cat, dog, cat]"], "data.classes: class names given more than once: cat"),
+    (["data.classes=[]"], r"data.classes: no class names \(list at least one\)"),
+    (['data.classes=[cat, " "]'], r"data.classes: an empty class name \(position 2\)"),
+    (["data.classes=[a]"], "data.classes is for data.name='voc' only: scattered-digits-det data takes its "
+                           "classes from the generator"),
+    (["data.name=coco", "data.root=x", "data.val_root=x", "data.annotations=a.json", "data.val_annotations=b.json",
+      "data.classes=[a]"], "data.classes is for data.name='voc' only: coco data takes its classes from its "
+                           "instances files' 'categories'"),
 ])
 def test_bad_detection_config_names_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -127,6 +136,20 @@ def test_missing_dataset_paths_are_named_before_ray_starts(tmp_path):
                              RANDOM_SMALL)
     with pytest.raises(DatasetNotFoundError, match=r"data.root: no VOC2012 folder"):
         run_detection(cfg)
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_bad_class_lists_are_refused_before_ray_starts(tmp_path, capsys):
+    write_voc(str(tmp_path / "voc"), {"2007": {"trainval": [("000001", [("dog", 1, 1, 10, 20, False)], (40, 30))]}})
+    voc = {"data.root": tmp_path / "voc", "data.train_sets": "[2007-trainval]", "data.val_sets": "[2007-trainval]",
+           "model.norm": "bn", "run.use_gpu": False}
+    (tmp_path / "voc" / "labels.txt").write_text("dog\ncat\ndog\n")
+    cfg = load_detect_config(VOC_DETECT, _sets(tmp_path, "voc-labels", **voc), RANDOM_SMALL)
+    with pytest.raises(ValueError, match=r"voc/labels.txt: class names given more than once: dog"):
+        run_detection(cfg)
+    rc = main(["detect", str(VOC_DETECT), "--random-init", "--arch", "small_resnet",
+               *[f"--set={o}" for o in _sets(tmp_path, "voc-classes", **voc, **{"data.classes": "[dog, dog]"})]])
+    assert rc == 2 and "data.classes: class names given more than once: dog" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
@@ -414,6 +437,63 @@ def test_pretrain_then_detect_on_a_voc_folder_with_the_paper_recipe_shrunk(digit
     assert m["annotations.val.images"] == 2 and m["annotations.val.boxes"] == 2  # difficult kept (metric)
     assert run.data.params["model.layout"] == "c4" and run.data.params["model.norm_effective"] == "bn"
     assert (tmp / "runs" / "digits-det-pre-detect").is_dir()  # next to its pretraining run
+    # no data.classes, no labels.txt: VOC's 20 classes; AP50 per class for those with an object to find
+    assert "[mocoray] 20 classes from VOC's 20 classes" in digits_pretrain["out"]
+    assert run.data.params["data.classes_from"].startswith("VOC's 20 classes")
+    assert run.data.tags["mocoray.num_classes"] == "20"
+    classes = Path(c.download_artifacts(run.info.run_id, "classes.txt", str(tmp))).read_text().splitlines()
+    assert len(classes) == 20 and classes[11] == "dog"
+    assert sorted(k for k in m if k.startswith("VOC07_AP50.")) == ["VOC07_AP50.dog"]  # the test cat is difficult
+    assert m["VOC07_AP50"] == m["VOC07_AP50.dog"]
+
+
+def test_per_class_metric_names_are_ones_mlflow_takes_and_stay_distinct():
+    keys = per_class_keys("VOC07_AP50", ["traffic light", "a/b", "a_b", "c+", "../x", "straße"])
+    assert keys == ["VOC07_AP50.traffic light", "VOC07_AP50.a_b_2", "VOC07_AP50.a_b_3", "VOC07_AP50.c_",
+                    "VOC07_AP50._x", "VOC07_AP50.straße"]
+    for key in keys:
+        _validate_metric_name(key)
+
+
+def _fruit_folder(voc: Path) -> None:
+    """A labelImg-style VOC folder with three classes of its own, listed in a labels.txt beside Annotations/:
+    four training images, two test images (apple and kiwi to find; the pear is difficult)."""
+    fruit = [("apple", 3, 3, 20, 20, False), ("kiwi", 22, 8, 38, 28, False), ("pear", 10, 12, 30, 29, False)]
+    trainval = [(f"t{i}", fruit, (40, 30)) for i in range(4)]
+    test = [("v1", fruit[:1], (40, 30)), ("v2", [fruit[1], ("pear", 2, 2, 12, 12, True)], (40, 30))]
+    write_voc(str(voc), {"2007": {"trainval": trainval, "test": test}})
+    (voc / "VOCdevkit" / "VOC2007" / "labels.txt").write_text("apple\n pear\nkiwi\n\n")
+
+
+def test_a_voc_folder_with_its_own_classes_trains_and_scores_ap_per_those_classes(ray_session, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _fruit_folder(tmp_path / "fruit")
+    data = {"data.name": "voc", "data.root": tmp_path / "fruit", "data.train_sets": "[2007-trainval]",
+            "data.val_sets": "[2007-test]"}
+    rc = main(["detect", str(DIGITS_DETECT), "--random-init", "--arch", "small_resnet",
+               *[f"--set={o}" for o in _sets(tmp_path, "fruit", uri, **{**TINY, **data, "optim.iterations": 2,
+                                                                          "optim.batch_size": 2})]])
+    out = capsys.readouterr().out
+    labels = tmp_path / "fruit" / "VOCdevkit" / "VOC2007" / "labels.txt"
+    assert rc == 0 and f"[mocoray] 3 classes from {labels}: apple, pear, kiwi" in out
+    c = mlflow.MlflowClient(uri)
+    run = c.search_runs([c.get_experiment_by_name("mocoray").experiment_id], "attributes.run_name = 'fruit'")[0]
+    assert run.info.status == "FINISHED" and run.data.tags["mocoray.num_classes"] == "3"
+    assert run.data.params["data.classes_from"] == str(labels)
+    assert Path(c.download_artifacts(run.info.run_id, "classes.txt", str(tmp_path))).read_text() == \
+        "apple\npear\nkiwi\n"
+    # the detector's head has the three classes (+ background), and its checkpoint says which
+    checkpoint = Path(run.data.tags["mocoray.detector_checkpoint"])
+    head = torch.load(checkpoint / "model.pt", weights_only=True)["roi_heads.box_predictor.cls_score.weight"]
+    assert head.shape[0] == 4
+    assert json.loads((checkpoint / "meta.json").read_text())["classes"] == ["apple", "pear", "kiwi"]
+    # AP per the given classes: each class with an object to find (not the difficult pear) has its AP50, and
+    # VOC07_AP50 is their mean; the COCO-style AP is scored on the same labels
+    m = run.data.metrics
+    per_class = {k: v for k, v in m.items() if k.startswith("VOC07_AP50.")}
+    assert sorted(per_class) == ["VOC07_AP50.apple", "VOC07_AP50.kiwi"]
+    assert m["VOC07_AP50"] == pytest.approx(np.mean(list(per_class.values())))
+    assert {"AP", "AP50", "AP75"} <= set(m) and m["annotations.train.images"] == 4
 
 
 def test_export_in_detectron2_layout_from_the_command_line(tmp_path, capsys):

@@ -20,6 +20,7 @@ from mocoray.data.detection import (
     voc_detection,
 )
 from mocoray.data.detection.digits import CANVAS, MAX_DIGITS
+from mocoray.data.detection.voc import voc_class_list
 from mocoray.data.digits import _split_sources
 from mocoray.detection.model import build_detector
 
@@ -142,6 +143,62 @@ def test_voc_missing_paths_empty_split_and_unknown_class_are_clear_errors(voc_ro
     write_voc(odd, {"2007": {"test": [("000001", [("unicorn", 1, 1, 5, 5, False)], (40, 30))]}})
     with pytest.raises(ValueError, match=r"000001\.xml: object class 'unicorn' is not one of the 20 classes"):
         voc_detection(odd, ["2007-test"])
+
+
+# a labelImg-style folder with its own classes
+FRUIT_TREE = {"2007": {
+    "trainval": [("a1", [("apple", 1, 1, 10, 20, False), ("kiwi", 5, 6, 30, 25, False)], (40, 30))],
+    "test": [("b1", [("pear", 2, 3, 39, 29, False)], (40, 30))],
+}}
+
+
+def test_voc_classes_come_from_data_classes_then_labels_txt_then_vocs_20(tmp_path) -> None:
+    root = str(tmp_path / "fruit")
+    write_voc(root, FRUIT_TREE)
+    year = tmp_path / "fruit" / "VOCdevkit" / "VOC2007"
+    both = [(root, ["2007-trainval"], "data.root"), (root, ["2007-test"], "data.root")]
+    default = voc_class_list(None, both)
+    assert len(default.names) == 20 and default.names[11] == "dog" and default.source.startswith("VOC's 20")
+
+    # labels.txt beside Annotations/: one class per line, blank lines and surrounding whitespace ignored
+    (year / "labels.txt").write_text("\n  apple \npear\n\n\tkiwi\n")
+    found = voc_class_list(None, both)
+    assert found.names == ["apple", "pear", "kiwi"] and found.source == str(year / "labels.txt")
+    ds = voc_detection(root, ["2007-trainval"], classes=found.names)
+    assert ds.classes == ["apple", "pear", "kiwi"] and ds.num_classes == 3
+    assert ds[0][1]["labels"].tolist() == [1, 3]  # apple, kiwi: 1 + index in labels.txt
+
+    # data.classes wins over a labels.txt, and says which file it overrides
+    chosen = voc_class_list(["kiwi", "pear", "apple"], both)
+    assert chosen.names == ["kiwi", "pear", "apple"] and chosen.source == "data.classes"
+    assert chosen.note == (f"data.classes (3 classes) is used; {year / 'labels.txt'} lists other classes "
+                           "and is ignored")
+    assert voc_class_list(["apple", "pear", "kiwi"], both).note is None  # the same list: nothing to say
+
+    # the dataset root (and VOCdevkit/) are beside the annotations too; all labels.txt found must agree
+    (tmp_path / "fruit" / "labels.txt").write_text("apple\npear\n")
+    with pytest.raises(ValueError, match=r"data.root: .*fruit/labels.txt \(apple, pear\) and .*VOC2007/labels.txt "
+                       r"\(apple, pear, kiwi\) list different classes; keep one labels.txt, or set data.classes"):
+        voc_class_list(None, both)
+    (year / "labels.txt").unlink()
+    assert voc_class_list(None, both).names == ["apple", "pear"]
+    (tmp_path / "fruit" / "labels.txt").write_text("apple\npear\napple\n")
+    with pytest.raises(ValueError, match=r"fruit/labels.txt: class names given more than once: apple"):
+        voc_class_list(None, both)
+    (tmp_path / "fruit" / "labels.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match=r"fruit/labels.txt: no class names"):
+        voc_class_list(None, both)
+    assert voc_class_list(["apple"], both).note.endswith("fruit/labels.txt lists other classes and is ignored")
+    (tmp_path / "fruit" / "labels.txt").write_bytes("apple\r\npear\r\n".encode("utf-8-sig"))  # a Windows editor's
+    assert voc_class_list(None, both).names == ["apple", "pear"]
+
+
+def test_voc_object_of_an_unlisted_class_names_the_file_the_class_and_where_classes_are_listed(tmp_path) -> None:
+    root = str(tmp_path / "fruit")
+    write_voc(root, FRUIT_TREE)
+    with pytest.raises(ValueError, match=r"VOC2007/Annotations/b1\.xml: object class 'pear' is not one of the 2 "
+                       r"classes \(apple, kiwi\); list the dataset's classes in data.classes or in a labels.txt"):
+        voc_detection(root, ["2007-trainval", "2007-test"], classes=["apple", "kiwi"])
 
 
 def test_voc_unreadable_annotation_is_left_out_and_a_missing_image_skipped_and_counted(voc_root) -> None:

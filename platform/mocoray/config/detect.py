@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..data.detection.voc import class_list_problem
 from ..detection.model import FASTER_RCNN_OPTIONS, LAYOUTS
 from .common import RunConfig, Section, SGDConfig, TrackingConfig, build, parse_override, read_yaml
 from .linear import DownstreamConfig
@@ -41,6 +42,9 @@ class DetectDataConfig(Section):
     train_sets: list[str] = Field(default_factory=lambda: ["2007-trainval", "2012-trainval"],
                                   description="voc: YEAR-SPLIT sets to train on (paper: 07+12 trainval)")
     val_sets: list[str] = Field(default_factory=lambda: ["2007-test"], description="voc: sets to evaluate on")
+    classes: list[str] | None = Field(
+        None, description="voc: the dataset's class names (label i is the i-th); default: a labels.txt in "
+        "data.root, VOCdevkit/ or a VOC<year> folder, else VOC's 20 classes")
     train_canvases: int = Field(2000, ge=1, description="scattered-digits-det: training images")
     val_canvases: int = Field(500, ge=1, description="scattered-digits-det: validation images")
     canvas_size: int = Field(64, ge=26, description="scattered-digits-det: canvas side in pixels")
@@ -50,6 +54,24 @@ class DetectDataConfig(Section):
     max_images: int | None = Field(None, ge=1, description="cap on training images (quick runs)")
     max_val_images: int | None = Field(None, ge=1, description="cap on validation images (quick runs)")
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per Ray worker")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _numbers_as_names(cls, names: Any) -> Any:
+        # YAML reads `classes: [1, 2]` as numbers; as class names in VOC XML they are text
+        if isinstance(names, list):
+            return [str(n) if isinstance(n, int) and not isinstance(n, bool) else n for n in names]
+        return names
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        problem = class_list_problem(names)
+        if problem:
+            raise ValueError(f"data.classes: {problem}")
+        return [n.strip() for n in names]
 
     @model_validator(mode="after")
     def _paths_fit_the_dataset(self) -> DetectDataConfig:
@@ -62,6 +84,11 @@ class DetectDataConfig(Section):
         missing = [f"data.{f}" for f in required.get(self.name, ()) if not getattr(self, f)]
         if missing:
             raise ValueError(f"data.name={self.name!r} needs {', '.join(missing)}")
+        if self.classes is not None and self.name != "voc":
+            named_by = ("its instances files' 'categories'" if self.name == "coco"
+                        else "the generator (digits 0-9)")
+            raise ValueError(f"data.classes is for data.name='voc' only: {self.name} data takes its classes "
+                             f"from {named_by}")
         return self
 
     @property

@@ -5,7 +5,9 @@
     <root>/VOCdevkit/VOC<year>/JPEGImages/<id>.jpg
 
 Several (year, split) sets are concatenated: the MoCo paper trains on 2007+2012 trainval and tests
-on 2007 test. VOC boxes are 1-based inclusive pixel indices; they become continuous coordinates
+on 2007 test. The classes are VOC's 20 unless the caller names others: `voc_class_list` picks them
+from an explicit list, else from a `labels.txt` (one class per line) in a VOC<year> folder, the folder
+above it (VOCdevkit/) or the root. VOC boxes are 1-based inclusive pixel indices; they become continuous coordinates
 (x0 = xmin - 1, x1 = xmax), as detectron2 reads them. `difficult` objects stay as a flag (the VOC
 metric ignores them: neither true nor false positives); training usually leaves them out
 (`keep_difficult=False`).
@@ -16,8 +18,10 @@ from __future__ import annotations
 import logging
 import posixpath
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from fsspec import AbstractFileSystem
@@ -34,6 +38,8 @@ VOC_CLASSES = (
 log = logging.getLogger(__name__)
 PAPER_TRAIN_SETS = (("2007", "trainval"), ("2012", "trainval"))
 PAPER_TEST_SETS = (("2007", "test"),)
+LABELS_FILE = "labels.txt"
+CLASSES_SHOWN = 30  # an error lists this many class names at most
 
 
 class UnreadableAnnotation(ValueError):
@@ -51,6 +57,90 @@ def parse_sets(sets: Sequence[str | Sequence[str]], field: str) -> list[tuple[st
     if not out:
         raise ValueError(f"{field}: no VOC sets given (e.g. [2007-trainval, 2012-trainval])")
     return out
+
+
+def class_list_problem(names: Sequence[str]) -> str | None:
+    """What is wrong with a class list (none given, an empty name, a name given twice), or None."""
+    if not names:
+        return "no class names (list at least one)"
+    if any(not n.strip() for n in names):
+        return f"an empty class name (position {', '.join(str(i + 1) for i, n in enumerate(names) if not n.strip())})"
+    twice = sorted(n for n, k in Counter(n.strip() for n in names).items() if k > 1)
+    if twice:
+        return f"class names given more than once: {', '.join(twice)}"
+    return None
+
+
+def _shown(names: Sequence[str]) -> str:
+    more = len(names) - CLASSES_SHOWN
+    return ", ".join(names[:CLASSES_SHOWN]) + (f", ... ({more} more)" if more > 0 else "")
+
+
+@dataclass
+class ClassList:
+    """The classes a VOC dataset is read with (label i + 1 is names[i]) and where they came from."""
+
+    names: list[str]
+    source: str  # "data.classes", the labels.txt file(s) read, or the default's name
+    note: str | None = None  # data.classes chosen over a labels.txt that lists other classes
+
+
+def read_labels_file(fs: AbstractFileSystem, path: str) -> list[str]:
+    """The class names of a labels.txt: one per line, blank lines and surrounding whitespace ignored."""
+    try:
+        text = read_bytes(fs, path).decode("utf-8-sig")  # a byte-order mark (Windows editors) is not a name
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{display(fs, path)}: not UTF-8 text ({err})") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    problem = class_list_problem(names)
+    if problem:
+        raise ValueError(f"{display(fs, path)}: {problem}")
+    return names
+
+
+def _labels_files(root: str, sets: Sequence[str | Sequence[str]], field: str) -> list[tuple[AbstractFileSystem, str]]:
+    """The labels.txt files that belong to `sets` under `root`: in each VOC<year> folder, in the folder
+    above it (VOCdevkit/, or the root) and in the root itself."""
+    fs, base = resolve(root, field)
+    folders = [_year_folder(fs, base, root, year, field) for year, _ in parse_sets(sets, field)]
+    places = dict.fromkeys([base, *(posixpath.dirname(f) for f in folders), *folders])
+    paths = [posixpath.join(place, LABELS_FILE) for place in places]
+    return [(fs, p) for p in paths if fs.isfile(p)]
+
+
+def voc_class_list(
+    explicit: Sequence[str] | None, places: Sequence[tuple[str, Sequence[str | Sequence[str]], str]]
+) -> ClassList:
+    """The classes of a VOC dataset: `explicit` (data.classes) when given, else the labels.txt files of
+    `places` ((root, sets, field) of each split; they must agree), else VOC's 20 classes."""
+    found: dict[str, list[str] | None] = {}
+    for root, sets, field in places:
+        for fs, path in _labels_files(root, sets, field):
+            where = display(fs, path)
+            if where in found:
+                continue
+            try:
+                found[where] = read_labels_file(fs, path)
+            except ValueError:
+                if explicit is None:
+                    raise
+                found[where] = None  # unusable, and overridden anyway: only noted
+    if explicit is not None:
+        names = [n.strip() for n in explicit]
+        other = [path for path, listed in found.items() if listed != names]
+        note = (f"data.classes ({len(names)} classes) is used; {', '.join(other)} "
+                f"list{'s' if len(other) == 1 else ''} other classes and {'is' if len(other) == 1 else 'are'} "
+                "ignored") if other else None
+        return ClassList(names, "data.classes", note)
+    if found:
+        lists = list(found.items())
+        for path, listed in lists[1:]:
+            if listed != lists[0][1]:
+                raise ValueError(f"{places[0][2]}: {lists[0][0]} ({_shown(lists[0][1])}) and {path} "
+                                 f"({_shown(listed)}) list different classes; keep one labels.txt, or set "
+                                 "data.classes (which takes precedence)")
+        return ClassList(lists[0][1], ", ".join(found))  # type: ignore[arg-type]
+    return ClassList(list(VOC_CLASSES), "VOC's 20 classes (no data.classes, no labels.txt)")
 
 
 def _year_folder(fs: AbstractFileSystem, root: str, url: str, year: str, field: str) -> str:
@@ -103,7 +193,8 @@ def parse_annotation(
         name = (obj.findtext("name") or "").strip()
         if name not in class_index:
             raise ValueError(f"{where}: object class {name!r} is not one of the {len(class_index)} classes "
-                             f"({', '.join(class_index)})")
+                             f"({_shown(list(class_index))}); list the dataset's classes in data.classes "
+                             f"or in a {LABELS_FILE} beside the annotations")
         bb = obj.find("bndbox")
         if bb is None:
             boxes.append([float("nan")] * 4)

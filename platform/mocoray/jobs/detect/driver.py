@@ -1,8 +1,8 @@
 """Detection transfer as a Ray Train job: the driver, `run_detection` (the worker is `loop.py`).
 
-Driver: resolve the encoder (`encoders.py`), check the dataset paths and build the detector with the
-encoder's weights once (a missing folder or an unfit checkpoint fails before Ray starts), open the
-MLflow run with its lineage tags, fit a TorchTrainer, link the pretraining run back, close the run.
+Driver: check the dataset paths and (VOC) its class list, resolve the encoder (`encoders.py`), build the
+detector with the encoder's weights once (a missing folder, a bad class list or an unfit checkpoint
+fails before Ray starts), open the MLflow run with its lineage tags, fit a TorchTrainer, link the pretraining run back, close the run.
 Worker: detection splits -> torchvision Faster R-CNN (C4 or FPN, `detection/model.py`) whose backbone
 holds the encoder's weights, DDP across workers -> passes of `detection.engine.train_one_epoch` under an
 iteration-counted schedule -> `evaluate` on the validation split (every rank predicts its share, rank 0
@@ -17,7 +17,9 @@ uninterrupted run ends with.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ... import storage
@@ -33,7 +35,7 @@ from ...tracking.registry import tag_versions_with_results
 from .. import runtime
 from ..downstream import downstream_trainer, link_back, open_downstream_run, run_guarded
 from ..faults import Faults
-from .loop import build_model, train_loop_per_worker
+from .loop import build_model, train_loop_per_worker, voc_classes
 
 DETECTION_RUN_TAG = "mocoray.detection_run_id"  # set on the pretraining run: its newest detection transfer
 DETECTOR_CHECKPOINT_TAG = "mocoray.detector_checkpoint"  # the detection run's own final checkpoint
@@ -74,10 +76,26 @@ def check_data(data: DetectDataConfig) -> None:
         check_voc_sets(str(data.val_root or data.root), data.val_sets, val_field)
 
 
-def _open_mlflow_run(cfg: DetectConfig, encoder: EncoderSource, run_dir: str, uri: str) -> str:
+def _open_mlflow_run(cfg: DetectConfig, encoder: EncoderSource, run_dir: str, uri: str,
+                     classes_from: str | None = None) -> str:
+    params = {"model.norm_effective": cfg.model.effective_norm(cfg.run)}
+    if classes_from:
+        params["data.classes_from"] = classes_from
     return open_downstream_run(uri, cfg, encoder, run_dir, "detection",
-                               f"Detection transfer ({cfg.model.layout}, {cfg.data.name})",
-                               params={"model.norm_effective": cfg.model.effective_norm(cfg.run)})
+                               f"Detection transfer ({cfg.model.layout}, {cfg.data.name})", params=params)
+
+
+def classes_from(data: DetectDataConfig) -> str | None:
+    """Where a VOC run's classes come from (None for other data): read, checked and said on the console
+    before Ray starts, so a bad labels.txt, or one that data.classes overrides, is seen at once."""
+    if data.name != "voc":
+        return None
+    classes = voc_classes(data)
+    if classes.note:
+        print(f"[mocoray] warning: {classes.note}", file=sys.stderr)
+    shown = ", ".join(classes.names[:10]) + (", ..." if len(classes.names) > 10 else "")
+    print(f"[mocoray] {len(classes.names)} classes from {classes.source}: {shown}")
+    return f"{classes.source} ({classes.note})" if classes.note else classes.source
 
 
 def run_detection(cfg: DetectConfig, address: str | None = None, resume: bool = False,
@@ -86,18 +104,20 @@ def run_detection(cfg: DetectConfig, address: str | None = None, resume: bool = 
     DetectionFailed otherwise). `faults` injects failures (tests only)."""
     cfg = with_absolute_paths(cfg)
     check_data(cfg.data)
+    source = classes_from(cfg.data)
     encoder = resolve_encoder(cfg.encoder, cfg.tracking)
     # build once here, on plain BN (SyncBatchNorm needs the GPU workers): a checkpoint of another
     # architecture, or detector options that do not fit it, fail before Ray starts
     build_model(cfg, encoder, num_classes=1, norm="bn")
     return run_guarded(cfg.run, resume, address, DetectionFailed,
-                       lambda job: _fit(job, cfg, encoder, faults or Faults(), resume))
+                       lambda job: _fit(job, cfg, encoder, faults or Faults(), resume, source))
 
 
-def _fit(job: runtime.JobRun, cfg: DetectConfig, encoder: EncoderSource, faults: Faults, resume: bool
-         ) -> DetectionResult:
+def _fit(job: runtime.JobRun, cfg: DetectConfig, encoder: EncoderSource, faults: Faults, resume: bool,
+         source: str | None) -> DetectionResult:
+    open_run = partial(_open_mlflow_run, classes_from=source)
     try:
-        result = runtime.fit(downstream_trainer(job, cfg, encoder, faults, _open_mlflow_run,
+        result = runtime.fit(downstream_trainer(job, cfg, encoder, faults, open_run,
                                                    lambda: detection_records(cfg.data), train_loop_per_worker))
     except Exception as err:  # nothing to resume unless a checkpoint was written
         job.end_tracking("FAILED", {STATUS_TAG: "failed"})

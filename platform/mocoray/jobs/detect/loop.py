@@ -6,6 +6,7 @@ detector built around the encoder, its checkpoint state, and evaluation on the v
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,19 +33,28 @@ from ...data.detection import (
     scattered_digits_det,
     voc_detection,
 )
+from ...data.detection.voc import ClassList, voc_class_list
 from ...detection.engine import evaluate, gather_on_rank0, train_one_epoch
-from ...detection.evaluation import coco_metrics, voc07_metrics
+from ...detection.evaluation import coco_metrics, voc07_ap, voc07_metrics
 from ...detection.model import build_detector, load_encoder_backbone
 from ...encoders import EncoderSource, backbone_state_dict, weights_path
-from ...tracking.artifacts import log_environment
-from ...tracking.client import STATUS_TAG, MetricLogger
+from ...tracking.artifacts import log_environment, log_text
+from ...tracking.client import STATUS_TAG, MetricLogger, safely
 from .. import runtime
 from ..faults import Faults
 
 NORM_TAG = "mocoray.norm_effective"
+CLASSES_ARTIFACT = "classes.txt"  # the class of label i on line i
 
 
 DetectionSet = FileDetections | ScatteredDigitsDet  # each has .classes, .num_classes, .counts
+
+
+def voc_classes(data: DetectDataConfig) -> ClassList:
+    """The classes of a VOC config: data.classes, else the labels.txt of its folders, else VOC's 20."""
+    val_field = "data.val_root" if data.val_root else "data.root"
+    return voc_class_list(data.classes, [(str(data.root), data.train_sets, "data.root"),
+                                         (str(data.val_root or data.root), data.val_sets, val_field)])
 
 
 def detection_splits(data: DetectDataConfig) -> tuple[DetectionSet, DetectionSet]:
@@ -57,9 +67,11 @@ def detection_splits(data: DetectDataConfig) -> tuple[DetectionSet, DetectionSet
                                     max_digits=data.max_digits, transform=flip)
     root, val_root = str(data.root), str(data.val_root or data.root)
     if data.name == "voc":
-        train = voc_detection(root, data.train_sets, keep_difficult=False, skip_empty=True, transform=flip,
-                              field="data.root")
-        val = voc_detection(val_root, data.val_sets, field="data.val_root" if data.val_root else "data.root")
+        classes = voc_classes(data).names
+        train = voc_detection(root, data.train_sets, keep_difficult=False, skip_empty=True, classes=classes,
+                              transform=flip, field="data.root")
+        val = voc_detection(val_root, data.val_sets, classes=classes,
+                            field="data.val_root" if data.val_root else "data.root")
         return train, val
     train = coco_detection(str(data.annotations), root, keep_crowd=False, skip_empty=True, transform=flip,
                            annotations_field="data.annotations", images_field="data.root")
@@ -99,9 +111,18 @@ class DetectState:
     metrics: dict[str, float] = field(default_factory=dict)  # the latest evaluation
 
 
-def evaluate_detector(model: nn.Module, val: Dataset, cfg: DetectConfig, device: torch.device) -> dict | None:
+def per_class_keys(prefix: str, classes: list[str]) -> list[str]:
+    """One MLflow metric name per class, `prefix.<class>`: characters MLflow refuses become '_', and a
+    name that clashes after that gets its label number."""
+    safe = [re.sub(r"[^\w.\- ]", "_", c).strip(". ") or "_" for c in classes]
+    return [f"{prefix}.{s}" if safe.count(s) == 1 else f"{prefix}.{s}_{i + 1}" for i, s in enumerate(safe)]
+
+
+def evaluate_detector(model: nn.Module, val: Dataset, cfg: DetectConfig, device: torch.device,
+                      classes: list[str]) -> dict | None:
     """AP metrics of `model` on `val`: every rank predicts its share of the images, rank 0 merges and
-    scores them (the other ranks get None). VOC adds its 11-point metrics as VOC07_*."""
+    scores them (the other ranks get None). VOC adds its 11-point metrics as VOC07_* and the AP50 of
+    each class (of `classes`) that has an object to find as VOC07_AP50.<class>."""
     rank, world = rank_world()
     mine = Subset(SkipCorrupt(val), range(rank, len(val), world))  # type: ignore[arg-type]
     # a private generator: creating a loader must not draw from the training RNG (exact resume)
@@ -116,6 +137,8 @@ def evaluate_detector(model: nn.Module, val: Dataset, cfg: DetectConfig, device:
     metrics = coco_metrics(truth, predictions)
     if cfg.data.name == "voc":
         metrics.update({f"VOC07_{k}": v for k, v in voc07_metrics(truth, predictions).items()})
+        keys = per_class_keys("VOC07_AP50", classes)
+        metrics.update({keys[label - 1]: ap for label, ap in voc07_ap(truth, predictions)[1].items()})
     return {**metrics, "eval_time_s": time.perf_counter() - t0}
 
 
@@ -152,11 +175,15 @@ def save_checkpoint(model: nn.Module, optimizer, scaler, state: DetectState, met
 
 def _log_start(logger: MetricLogger, train: DetectionSet, val: DetectionSet, cfg: DetectConfig,
                encoder: EncoderSource, norm: str, world: int, steps_per_epoch: int, total: int) -> None:
-    """What the run is about to train on: the annotation counts (what was clipped, dropped, skipped)."""
+    """What the run is about to train on: the classes (classes.txt) and the annotation counts (what was
+    clipped, dropped, skipped)."""
     counts = {f"annotations.train.{k}": v for k, v in train.counts.as_dict().items()}
     counts.update({f"annotations.val.{k}": v for k, v in val.counts.as_dict().items()})
     logger.metrics(counts, step=0)
     logger.tags({NORM_TAG: norm, "mocoray.world_size": world, "mocoray.num_classes": train.num_classes})
+    if logger.uri and logger.run_id:
+        safely(f"logging {CLASSES_ARTIFACT}", log_text, logger.uri, logger.run_id, CLASSES_ARTIFACT,
+               "".join(f"{c}\n" for c in train.classes))
     runtime.console(
         f"detection ({cfg.model.layout}, norm {norm}) from {encoder.label}: {encoder.arch}, "
         f"{train.num_classes} classes, {train.counts.images} train images / {train.counts.boxes} boxes, "
@@ -221,7 +248,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if logger:
             _log_start(logger, train_set, val_set, cfg, encoder, norm, world, steps_per_epoch, total)
         if cfg.eval.at_start:
-            evaluated = evaluate_detector(model, val, cfg, device)
+            evaluated = evaluate_detector(model, val, cfg, device, val_set.classes)
             if logger and evaluated:
                 logger.metrics(evaluated, step=0)
                 runtime.console(f"before training: AP {evaluated['AP']:.4f}  AP50 {evaluated['AP50']:.4f}")
@@ -257,7 +284,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last = state.global_step >= total
         evaluated = state.epoch % cfg.eval.every == 0 or last
         if evaluated:
-            state.metrics = evaluate_detector(model, val, cfg, device) or {}
+            state.metrics = evaluate_detector(model, val, cfg, device, val_set.classes) or {}
         metrics = {"epoch": state.epoch, "global_step": state.global_step, "loss": stats.loss, **stats.losses,
                    "lr": lr_fn(state.global_step - 1), "images_per_s": images / train_s,
                    "corrupt_images_skipped": skipped, **(state.metrics if evaluated else {}),
