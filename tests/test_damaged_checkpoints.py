@@ -18,7 +18,7 @@ import torch
 from conftest import tiny_pretrain_overrides
 from mocoray.checkpoints import checkpoint_problem, newest_good_checkpoint
 from mocoray.cli import main
-from mocoray.config import load_config
+from mocoray.config import ConfigError, load_config
 from mocoray.jobs.pretrain.driver import run_pretrain
 
 # 128 images / batch 32 = 4 steps per epoch
@@ -99,3 +99,13 @@ def test_resume_with_every_checkpoint_damaged_is_a_clear_error_with_exit_code_2(
     assert f"{run_dir / 'epoch_0002'}: model.pt does not load" in err
     assert f"{run_dir / 'epoch_0001'}: meta.json is unreadable" in err
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing was started
+
+
+def test_resume_from_a_damaged_checkpoint_is_refused_before_ray_starts(trained, tmp_path):
+    run_dir = _copy(trained, tmp_path)
+    _garble_inside(run_dir / "epoch_0002" / "model.pt")
+    cfg = load_config(None, tiny_pretrain_overrides(tmp_path, "from-damaged", **TINY))
+    with pytest.raises(ConfigError, match=f"--resume-from: the checkpoint at {run_dir / 'epoch_0002'} cannot be "
+                                          "loaded: model.pt does not load"):
+        run_pretrain(cfg, resume_from=str(run_dir / "epoch_0002"))
+    assert not (tmp_path / "runs" / "from-damaged").exists()
