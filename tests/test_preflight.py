@@ -69,6 +69,31 @@ def test_empty_image_folder_is_refused_on_the_driver_and_creates_nothing(tmp_pat
     assert _nothing_created(tmp_path)
 
 
+@pytest.mark.parametrize("split, field", [("train", "data.root"), ("val", "data.root")])
+def test_image_folder_of_only_corrupt_files_is_refused_on_the_driver_and_creates_nothing(tmp_path, split, field):
+    root = _image_folder(tmp_path / "folder", ("cat", "dog", "owl"), per_class=20)
+    for path in (root / split).rglob("*.png"):
+        path.write_bytes(b"not an image at all")
+    cfg = load_config(None, tiny_pretrain_overrides(tmp_path, "corrupt", **{"data.name": "imagefolder",
+                                                                            "data.root": str(root)}))
+    # 32 tried of 60: spread over the 3 classes, 11 from each (the last class gets the 10 left)
+    with pytest.raises(DatasetNotFoundError, match=f"{field}: none of the 32 image files tried in {root / split} "
+                                                   r"\(spread over its class folders\) decodes as an image"):
+        run_pretrain(cfg)
+    assert _nothing_created(tmp_path)
+
+
+def test_image_folder_with_one_decodable_file_among_corrupt_ones_passes_the_check(tmp_path):
+    from mocoray.data.peek import peek
+
+    root = _image_folder(tmp_path / "folder", ("cat", "dog"), per_class=40)
+    for path in sorted((root / "train").rglob("*.png"))[:-1]:  # the very last file of the last class decodes
+        path.write_bytes(b"garbage")
+    cfg = load_config(None, tiny_pretrain_overrides(tmp_path, "mostly-corrupt", **{"data.name": "imagefolder",
+                                                                                   "data.root": str(root)}))
+    assert peek(cfg.data, enough=32).images == 40  # counted up to a batch: no error
+
+
 @pytest.mark.parametrize("extra, images", [({"data.synthetic_images": 16}, 16),
                                            ({"data.synthetic_images": 128, "data.max_images": 20}, 20)])
 def test_batch_larger_than_the_dataset_is_refused_on_the_driver(tmp_path, extra, images):

@@ -11,7 +11,9 @@ A training checkpoint is a directory of tensors-only files (each loads with
     meta.json       config, versions, metrics (for people and tools, not needed to resume)
 
 A checkpoint is complete when all these files are there and whole (`is_complete_checkpoint`: an interrupted
-upload can leave a folder half written); resuming takes the newest complete one.
+upload can leave a folder half written). Resuming takes the newest good one (`newest_good_checkpoint`): a
+complete one whose every file also loads, as a file can be damaged inside (a node that died while writing
+it, storage that lost a block); the ones further on that do not load are reported with their reason.
 
 Layouts `backbone_from_state` understands: such a checkpoint's model.pt, an exported backbone (a plain
 torchvision-style state_dict), a checkpoint of the official MoCo code (`{"state_dict":
@@ -25,6 +27,7 @@ import io
 import json
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +176,61 @@ def is_complete_checkpoint(directory: str) -> bool:
         return False
     ranks = [f"rng_rank{r}.pt" for r in range(int(meta.get("world_size", 1)))]
     return all(_complete_torch_file(storage.join(directory, name)) for name in (*TRAINING_FILES, *ranks))
+
+
+def checkpoint_problem(directory: str) -> str | None:
+    """Why a training checkpoint cannot be resumed from, or None when every file of it loads.
+
+    Cheap first (meta.json, each file's zip end record: what a truncated file lacks), then each file is read
+    once: its zip members' CRCs checked (torch.load does not check them: bytes damaged inside a tensor would load
+    as wrong weights) and loaded with torch.load(weights_only=True)."""
+    try:
+        world_size = int(read_meta(directory).get("world_size", 1))
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError, TypeError, AttributeError) as err:  # unreadable, not JSON, not an object
+        return f"meta.json is unreadable ({type(err).__name__})"
+    names = (*TRAINING_FILES, *(f"rng_rank{r}.pt" for r in range(world_size)))
+    for name in names:
+        url = storage.join(directory, name)
+        if not storage.exists(url):
+            return f"{name} is missing"
+        if not _complete_torch_file(url):
+            return f"{name} is truncated (its zip end record is missing)"
+    for name in names:
+        problem = _torch_file_problem(storage.read_bytes(storage.join(directory, name)))
+        if problem:
+            return f"{name} does not load: {problem}"
+    return None
+
+
+def _torch_file_problem(data: bytes) -> str | None:
+    try:
+        damaged_member = zipfile.ZipFile(io.BytesIO(data)).testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"not a whole zip archive ({err})"
+    if damaged_member:
+        return f"its member {damaged_member} fails its CRC check"
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError for a bad archive, UnpicklingError for bad content
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
+
+
+def newest_good_checkpoint(run_dir: str, trusted: str | None = None) -> tuple[str | None, list[tuple[str, str]]]:
+    """The furthest training checkpoint `run_dir/epoch_NNNN[_step_SSSSSS]` whose every file loads, and the
+    (path, problem) of each one further on that does not (newest first). `trusted`: a checkpoint already
+    found good (by the driver), taken without loading it again."""
+    names = [n for n in storage.list_names(run_dir) if checkpoint_position(n) is not None]
+    damaged = []
+    for name in sorted(names, key=checkpoint_position, reverse=True):  # type: ignore[arg-type]
+        url = storage.join(run_dir, name)
+        problem = None if url == trusted else checkpoint_problem(url)
+        if problem is None:
+            return url, damaged
+        damaged.append((url, problem))
+    return None, damaged
 
 
 def newest_complete_checkpoint(run_dir: str) -> str | None:

@@ -1,5 +1,6 @@
 """A quick look at a dataset on the driver, before Ray starts: how many training images (up to what a batch
-needs) and how many classes, without reading the whole dataset."""
+needs), how many classes, and (for image folders) whether a sample of the files decodes, without reading the
+whole dataset."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import posixpath
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .base import DatasetNotFoundError
-from .files import IMAGE_EXTENSIONS, find_classes
+from .base import CorruptImageError, DatasetNotFoundError
+from .files import IMAGE_EXTENSIONS, decode_image, display, find_classes, read_bytes
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from ..config import DataConfig
 
 KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10}  # by the datasets' definitions
+DECODE_SAMPLE = 32  # image files tried per folder before training: one that decodes is enough
 
 
 @dataclass
@@ -28,7 +30,9 @@ def peek(cfg: DataConfig, enough: int) -> DataPeek:
     """Training images (stopping at `enough`) and classes of `cfg`'s dataset, after `data.max_images`.
 
     Image folders and Parquet shards are listed lazily; an empty train or val split raises
-    DatasetNotFoundError naming the field. CIFAR and STL-10 are not opened (their sizes are in the
+    DatasetNotFoundError naming the field, and so does an image folder in which none of up to
+    DECODE_SAMPLE files spread over its classes decodes (training skips corrupt files, but a folder of only
+    corrupt ones would fail inside the workers). CIFAR and STL-10 are not opened (their sizes are in the
     thousands); the workers check their files.
     """
     images, classes = _peek_source(cfg, enough)
@@ -60,9 +64,37 @@ def _count_images(fs: AbstractFileSystem, folder: str, classes: list[str], enoug
     return n
 
 
+def _spread(items: list[str], n: int) -> list[str]:
+    """Up to `n` of `items`, evenly spaced from the first to the last."""
+    if len(items) <= n:
+        return items
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)] if n > 1 else items[:1]
+
+
+def check_decodable(fs: AbstractFileSystem, folder: str, classes: list[str], field_name: str) -> None:
+    """Raise DatasetNotFoundError (naming the field, the folder and how many files were tried) unless one of up
+    to DECODE_SAMPLE image files, spread over the class folders and within each, decodes."""
+    picked = _spread(classes, DECODE_SAMPLE)
+    per_class = -(-DECODE_SAMPLE // len(picked))
+    tried, last_error = 0, ""
+    for name in picked:
+        files = sorted(p for p in fs.find(posixpath.join(folder, name)) if p.lower().endswith(IMAGE_EXTENSIONS))
+        for path in _spread(files, min(per_class, DECODE_SAMPLE - tried)):
+            tried += 1
+            try:
+                decode_image(read_bytes(fs, path), display(fs, path))
+                return
+            except (CorruptImageError, OSError) as err:
+                last_error = str(err)
+        if tried >= DECODE_SAMPLE:
+            break
+    if tried:
+        raise DatasetNotFoundError(f"{field_name}: none of the {tried} image files tried in {display(fs, folder)} "
+                                   f"(spread over its class folders) decodes as an image; the last: {last_error}")
+
+
 def _peek_folders(root: str, val_root: str | None, enough: int) -> tuple[int, int]:
     from .external import imagefolder_layout
-    from .files import display
 
     layout = imagefolder_layout(root, val_root)
     classes = find_classes(layout.fs, layout.train_dir)
@@ -77,6 +109,8 @@ def _peek_folders(root: str, val_root: str | None, enough: int) -> tuple[int, in
     if _count_images(layout.fs_val, layout.val_dir, find_classes(layout.fs_val, layout.val_dir), 1) == 0:
         raise DatasetNotFoundError(f"{layout.val_field}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class "
                                    f"folders of {val_where}")
+    check_decodable(layout.fs, layout.train_dir, classes, "data.root")
+    check_decodable(layout.fs_val, layout.val_dir, find_classes(layout.fs_val, layout.val_dir), layout.val_field)
     return images, len(classes)
 
 

@@ -4,7 +4,7 @@ a batch, a folder the run can be written to, a checkpoint to start from. Returns
 from __future__ import annotations
 
 from .. import storage
-from ..checkpoints import TRAINING_FILES
+from ..checkpoints import TRAINING_FILES, checkpoint_problem
 from ..config import ConfigError, DataConfig, LinearConfig, PretrainConfig
 from ..data import check_paths
 from ..data.peek import DataPeek, peek
@@ -33,6 +33,9 @@ def check_pretrain_inputs(cfg: PretrainConfig, resume_from: str | None) -> list[
         if missing:
             raise ConfigError(f"--resume-from: no checkpoint at {resume_from} (expected a checkpoint folder "
                               f"epoch_NNNN with {', '.join(TRAINING_FILES)}; missing {', '.join(missing)})")
+        problem = checkpoint_problem(resume_from)
+        if problem:
+            raise ConfigError(f"--resume-from: the checkpoint at {resume_from} cannot be loaded: {problem}")
     return _one_class_warning(cfg.data, seen)
 
 

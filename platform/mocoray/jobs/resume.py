@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import storage
-from ..checkpoints import checkpoint_epoch, newest_complete_checkpoint, read_meta
+from ..checkpoints import checkpoint_epoch, newest_good_checkpoint, read_meta
 from ..config import ConfigError, PretrainConfig, flatten
 from ..config.pretrain import RESUMABLE_FIELDS, resumable
 
@@ -20,9 +20,11 @@ CONFIG_FILE = "mocoray_config.json"
 
 @dataclass
 class ResumePoint:
-    """Where a resumed run continues: its newest complete checkpoint (if any) and the fields it changes."""
+    """Where a resumed run continues: its newest good checkpoint (if any), the damaged ones further on, and the
+    fields it changes."""
 
     checkpoint: str | None
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # (path, why it does not load), newest first
     changed: dict[str, Any] = field(default_factory=dict)  # field -> new value, this resume only
     resumed_with: dict[str, Any] = field(default_factory=dict)  # every resume's changes so far
 
@@ -39,10 +41,16 @@ def _recorded(run_dir: str, checkpoint: str | None) -> tuple[dict | None, dict[s
 
 
 def find_resume_point(run_dir: str, cfg: PretrainConfig) -> ResumePoint:
-    """The run's newest complete checkpoint, and `cfg`'s changes to the run's config, refused (ConfigError,
-    naming every field) unless all are in RESUMABLE_FIELDS and the run is not asked to stop before the
-    epochs it has completed."""
-    checkpoint = newest_complete_checkpoint(run_dir)
+    """The run's newest good checkpoint (every file loads: see `newest_good_checkpoint`), and `cfg`'s changes to
+    the run's config, refused (ConfigError, naming every field) unless all are in RESUMABLE_FIELDS and the run
+    is not asked to stop before the epochs it has completed. A run whose checkpoints are all damaged is
+    refused too (ConfigError, naming each with its reason)."""
+    checkpoint, damaged = newest_good_checkpoint(run_dir)
+    if damaged and checkpoint is None:
+        listed = "; ".join(f"{path}: {problem}" for path, problem in damaged)
+        raise ConfigError(f"--resume: no checkpoint of {run_dir} can be loaded ({listed}). Nothing was started. "
+                          "Start the run afresh under a new name (--set run.name=...), or from another run's "
+                          "checkpoint with --resume-from.")
     done = (checkpoint_epoch(checkpoint) or 0) if checkpoint else 0
     previous, resumed_with = _recorded(run_dir, checkpoint)
     before = flatten(previous or {})
@@ -56,7 +64,7 @@ def find_resume_point(run_dir: str, cfg: PretrainConfig) -> ResumePoint:
                           "recipe, start a new run (--set run.name=...) from a checkpoint with --resume-from.")
     if cfg.optim.epochs < done:
         raise ConfigError(f"optim.epochs={cfg.optim.epochs} is below the {done} epochs the run has completed")
-    return ResumePoint(checkpoint, changed, {**resumed_with, **changed})
+    return ResumePoint(checkpoint, damaged, changed, {**resumed_with, **changed})
 
 
 def record_config(run_dir: str, cfg: PretrainConfig, resumed_with: dict[str, Any]) -> None:

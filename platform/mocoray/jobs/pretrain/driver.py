@@ -19,6 +19,7 @@ from ... import storage
 from ...checkpoints import (
     checkpoint_epoch,
     newest_complete_checkpoint,
+    newest_good_checkpoint,
 )
 from ...config import PretrainConfig, dump_yaml, flatten
 from ...data.fingerprint import dataset_records
@@ -148,6 +149,9 @@ def run_pretrain(
     point = find_resume_point(run_dir, cfg) if resume else None
     for name, value in (point.changed if point else {}).items():
         print(f"[mocoray] resuming with {name}={value}", file=sys.stderr)
+    for path, problem in (point.damaged if point else []):
+        print(f"[mocoray] warning: checkpoint {path} cannot be loaded ({problem}); resuming from the newest good "
+              f"one before it, {point.checkpoint}", file=sys.stderr)  # type: ignore[union-attr]
 
     runtime.init_ray(address)
     with interrupts.signals_raise():
@@ -177,7 +181,7 @@ def _fit(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None, re
     record_config(job.run_dir, cfg, point.resumed_with if point else {})
     if cfg.tracking.enabled:
         _open_tracking(job, cfg, point, extra_tags)
-    loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), resume_from=resume_from,
+    loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), resume_from=resume_from, run_dir=job.run_dir,
                                   newest_checkpoint=point.checkpoint if point else None,
                                   faults=(faults or Faults()).to_dict(),
                                   preemption_record=storage.join(job.run_dir, RECORD_FILE),
@@ -195,8 +199,9 @@ def _fit(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None, re
         raise PretrainFailed(f"pretraining run {cfg.run.name!r} failed: {err}{freed}") from err
 
     status = job.status() or {"status": "unknown"}
-    # the newest complete checkpoint on disk is at least as new as Ray's latest registered one
-    checkpoint = newest_complete_checkpoint(job.run_dir) or runtime.checkpoint_url(result, job.storage_path)
+    # the newest good checkpoint on disk is at least as new as Ray's latest registered one (unless that is
+    # damaged); a damaged one further on than this run trained to is passed over
+    checkpoint = newest_good_checkpoint(job.run_dir)[0] or runtime.checkpoint_url(result, job.storage_path)
     backbone_path = None
     if checkpoint and status["status"] == "completed":
         backbone_path = storage.join(job.run_dir, "backbone.pt")

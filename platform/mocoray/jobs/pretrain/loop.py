@@ -205,10 +205,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16" and device.type == "cuda")
     torch.manual_seed(cfg.run.seed * 1000 + 1 + rank)  # augmentation randomness differs per rank
 
-    checkpoint, same_run = starting_checkpoint(loop_config)
+    start = starting_checkpoint(loop_config, rank, world)
     state = TrainState()
-    if checkpoint is not None:
-        state = restore(checkpoint, model, optimizer, scaler, rank)
+    if start.checkpoint is not None:
+        state = restore(start.checkpoint, model, optimizer, scaler, rank)
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=runtime.ddp_kwargs())
         check_same_queue(model)
@@ -220,7 +220,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:  # every start of the worker group: the world size may differ after a restart
         logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"),
                               loop_config["unsent_url"])
-        start_attempt(logger, state, checkpoint, same_run, world, loop_config["preemption_record"])
+        start_attempt(logger, state, start, world, len(loader), loop_config["preemption_record"])
         log_environment(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"), world, device)
     progress = StepProgress(cfg.progress, cfg.optim.batch_size, cfg.optim.epochs, rank, logger)
     backbone = unwrap(model).encoder_q.backbone

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,6 +16,8 @@ from ... import __version__
 from ...checkpoints import (
     checkpoint_dir_name,
     checkpoint_position,
+    newest_good_checkpoint,
+    read_meta,
     restore_training_checkpoint,
     save_training_checkpoint,
 )
@@ -28,6 +30,9 @@ from ...tracking.client import (
 )
 from .. import runtime
 from ..preemption import note_resume
+
+EPOCHS_REPEATED_METRIC = "epochs_repeated"  # per restart that passed over damaged checkpoints, at its global step
+DAMAGED_CHECKPOINTS_TAG = "mocoray.damaged_checkpoints"  # JSON {path: why it does not load} of the last such restart
 
 
 @dataclass
@@ -82,25 +87,42 @@ def save_checkpoint(model, optimizer, scaler, state: TrainState, cfg: PretrainCo
     return name
 
 
-def starting_checkpoint(loop_config: dict[str, Any]) -> tuple[Any, bool]:
-    """Where this attempt starts, and whether that checkpoint is this run's own: Ray's latest checkpoint or the
-    newest complete one the driver found on disk, whichever is further on (an interrupt can land after a
-    checkpoint is written and before Ray's controller registers it); with neither, `--resume-from` (another
-    run's); else None (a new run)."""
-    import ray.train
+@dataclass
+class StartingPoint:
+    """Where an attempt starts: a checkpoint (None: epoch 1), whether it is this run's own (a restart or
+    --resume, not a --resume-from of another run's), and this run's checkpoints further on that do not load."""
 
-    candidates = [c for c in (ray.train.get_checkpoint(), loop_config.get("newest_checkpoint")) if c]
-    candidates = [ray.train.Checkpoint(c) if isinstance(c, str) else c for c in candidates]
-    if candidates:
-        return max(candidates, key=lambda c: checkpoint_position(c.path) or (0, 0)), True
-    if loop_config.get("resume_from"):
-        return ray.train.Checkpoint(loop_config["resume_from"]), False
-    return None, False
+    checkpoint: str | None = None
+    same_run: bool = False
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # (path, why), newest first
 
 
-def restore(checkpoint, model, optimizer, scaler, rank: int) -> TrainState:
-    with checkpoint.as_directory() as ckpt_dir:
-        return TrainState(**restore_training_checkpoint(ckpt_dir, rank, model, optimizer, scaler))
+def starting_checkpoint(loop_config: dict[str, Any], rank: int, world: int) -> StartingPoint:
+    """Where this attempt starts: the run's newest checkpoint that loads (`newest_good_checkpoint`: newer than
+    or the same as Ray's latest registered one, as an interrupt can land after a checkpoint is written and
+    before Ray's controller registers it; older when the newer ones are damaged); with none, `--resume-from`
+    (another run's); else a new run. Rank 0 looks, every rank starts from what it found."""
+    import ray.train.collective
+
+    found = StartingPoint()
+    if rank == 0:
+        newest, damaged = newest_good_checkpoint(loop_config["run_dir"], trusted=loop_config.get("newest_checkpoint"))
+        if newest:
+            found = StartingPoint(newest, True, damaged)
+        elif damaged:
+            found = StartingPoint(None, True, damaged)
+        elif loop_config.get("resume_from"):
+            found = StartingPoint(loop_config["resume_from"], False)
+    if world > 1:
+        found = ray.train.collective.broadcast_from_rank_zero(found if rank == 0 else None)
+    if found.checkpoint is None and found.damaged:  # on every rank: the group fails as one
+        raise RuntimeError(f"no checkpoint of {loop_config['run_dir']} can be loaded: "
+                           + "; ".join(f"{path}: {problem}" for path, problem in found.damaged))
+    return found
+
+
+def restore(checkpoint: str, model, optimizer, scaler, rank: int) -> TrainState:
+    return TrainState(**restore_training_checkpoint(checkpoint, rank, model, optimizer, scaler))
 
 
 def check_same_queue(model: torch.nn.Module) -> None:
@@ -117,30 +139,44 @@ def mid_epoch_metrics(state: TrainState, last_epoch: dict) -> dict:
             "step_in_epoch": state.step_in_epoch, "preemptions": state.preemptions}
 
 
-def relog_lost_epoch(logger: MetricLogger, checkpoint) -> None:
+def relog_lost_epoch(logger: MetricLogger, checkpoint: str) -> None:
     """An epoch's metrics are logged after its checkpoint: if the group stopped between the two, the epoch
     is missing in MLflow. The checkpoint's meta.json has its metrics: log them now (unless they arrived)."""
     logged = logger.logged_steps("loss")
     if logged is None:
         return
-    with checkpoint.filesystem.open_input_stream(checkpoint.path.rstrip("/") + "/meta.json") as f:
-        metrics = json.loads(f.read())["metrics"]
+    metrics = read_meta(checkpoint)["metrics"]
     if metrics["epoch"] not in logged:
         log_epoch(logger, metrics)
 
 
-def start_attempt(logger: MetricLogger, state: TrainState, checkpoint, same_run: bool, world: int,
-                  record_url: str) -> None:
-    """Rank 0, each time the worker group (re)starts: where it resumed, the steps a restart lost, the world size.
+def epochs_repeated(start: StartingPoint, state: TrainState, steps_per_epoch: int) -> float:
+    """How far the furthest damaged checkpoint was past the one the run restarts from, in epochs: what the run
+    trains again."""
+    if not start.damaged:
+        return 0.0
+    epoch, step = checkpoint_position(start.damaged[0][0]) or (0, 0)
+    return max(0.0, epoch + step / steps_per_epoch - state.epoch - state.step_in_epoch / steps_per_epoch)
 
-    `same_run`: the checkpoint is this run's own (a restart or --resume), not a --resume-from of another's."""
-    if checkpoint is not None:
-        name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+
+def start_attempt(logger: MetricLogger, state: TrainState, start: StartingPoint, world: int, steps_per_epoch: int,
+                  record_url: str) -> None:
+    """Rank 0, each time the worker group (re)starts: where it resumed, the steps a restart lost, the epochs it
+    repeats because newer checkpoints were damaged, the world size."""
+    if start.checkpoint is not None:
+        name = start.checkpoint.rstrip("/").rsplit("/", 1)[-1]
         state.steps_lost += note_resume(record_url, state.global_step, name, world)
         runtime.console(f"resumed from checkpoint {name}: epoch {state.epoch + 1}, step {state.step_in_epoch} of it "
                         f"(global step {state.global_step}) on {world} worker(s)")
-        if same_run and state.epoch and not state.step_in_epoch:
-            relog_lost_epoch(logger, checkpoint)
+        if start.damaged:
+            repeated = epochs_repeated(start, state, steps_per_epoch)
+            for path, problem in start.damaged:
+                runtime.console(f"checkpoint {path} cannot be loaded ({problem}): passed over")
+            runtime.console(f"{repeated:.3g} epoch(s) trained before are trained again")
+            logger.metrics({EPOCHS_REPEATED_METRIC: repeated}, step=state.global_step)
+            logger.tags({DAMAGED_CHECKPOINTS_TAG: json.dumps(dict(start.damaged))})
+        if start.same_run and state.epoch and not state.step_in_epoch:
+            relog_lost_epoch(logger, start.checkpoint)
     logger.metrics({"world_size": world}, step=state.global_step)  # over time: one point per (re)start
 
 
