@@ -20,7 +20,8 @@ from mocoray.core.backbones import build_backbone
 from mocoray.data import DatasetNotFoundError, PretrainData, labelled_splits
 from mocoray.encoders import backbone_state_dict
 from mocoray.jobs.faults import Faults
-from mocoray.jobs.pretrain.driver import PretrainFailed, evaluate_knn, run_pretrain
+from mocoray.jobs.pretrain.driver import PretrainFailed, run_pretrain
+from mocoray.jobs.pretrain.monitor import evaluate_knn
 
 
 def _client(tmp_path: Path) -> mlflow.MlflowClient:
@@ -236,7 +237,7 @@ def test_the_readme_demo_learns_on_scattered_digits(ray_session, tmp_path):
 
 def test_precise_bn_monitor_evaluates_a_recalibrated_copy_and_leaves_the_run_untouched(tmp_path):
     from mocoray.data.digits import scattered_digits
-    from mocoray.jobs.pretrain.driver import evaluate_recalibrated, evaluate_trained
+    from mocoray.jobs.pretrain.monitor import evaluate_recalibrated, evaluate_trained
 
     train, val = scattered_digits()
     train, val = train.subset(range(600)), val.subset(range(200))
