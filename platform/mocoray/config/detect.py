@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..data.detection.voc import class_list_problem
 from ..detection.model import FASTER_RCNN_OPTIONS, LAYOUTS
 from .common import RunConfig, Section, SGDConfig, TrackingConfig, build, parse_override, read_yaml
 from .linear import DownstreamConfig
@@ -25,6 +26,19 @@ DATA_PATHS = {
     "coco": ("root", "val_root", "annotations", "val_annotations"),
 }
 PATH_FIELDS = ("root", "val_root", "annotations", "val_annotations")
+
+
+
+def class_list_problem(names: Sequence[str]) -> str | None:
+    """What is wrong with a class list (none given, an empty name, a name given twice), or None."""
+    if not names:
+        return "no class names (list at least one)"
+    if any(not n.strip() for n in names):
+        return f"an empty class name (position {', '.join(str(i + 1) for i, n in enumerate(names) if not n.strip())})"
+    twice = sorted(n for n, k in Counter(n.strip() for n in names).items() if k > 1)
+    if twice:
+        return f"class names given more than once: {', '.join(twice)}"
+    return None
 
 
 class DetectDataConfig(Section):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import posixpath
 import xml.etree.ElementTree as ET
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from fsspec import AbstractFileSystem
 
+from ...config.detect import class_list_problem
 from ..base import CorruptImageError, DatasetNotFoundError
 from ..files import display, image_size, read_bytes, resolve
 from .base import AnnotationCounts, FileDetections, ImageRecord, ItemTransform, clean_record, finish_records
@@ -57,18 +57,6 @@ def parse_sets(sets: Sequence[str | Sequence[str]], field: str) -> list[tuple[st
     if not out:
         raise ValueError(f"{field}: no VOC sets given (e.g. [2007-trainval, 2012-trainval])")
     return out
-
-
-def class_list_problem(names: Sequence[str]) -> str | None:
-    """What is wrong with a class list (none given, an empty name, a name given twice), or None."""
-    if not names:
-        return "no class names (list at least one)"
-    if any(not n.strip() for n in names):
-        return f"an empty class name (position {', '.join(str(i + 1) for i, n in enumerate(names) if not n.strip())})"
-    twice = sorted(n for n, k in Counter(n.strip() for n in names).items() if k > 1)
-    if twice:
-        return f"class names given more than once: {', '.join(twice)}"
-    return None
 
 
 def _shown(names: Sequence[str]) -> str:
