@@ -6,7 +6,7 @@ encoder and InfoNCE, written out in one loop, with the LR cosine over the *time*
 T 0.1) and logistic-regression top-1 on the val split, at random init (BN statistics recalibrated on the
 training images) and at the end, both with the running statistics training left and recalibrated.
 The defaults are sweep round 3's values (full width, paper flips); `--widths 16,32,64,256 --flip 0` is the
-demo as it ships (README, "Tuning the demo"). Run like the demo it tells whether the platform loses accuracy
+demo as it ships (docs/tuning.md). Run like the demo it tells whether the platform loses accuracy
 against a bare loop; other values try recipes in minutes without a sweep.
 
     python benchmarks/plain_moco_digits.py --budget 150
