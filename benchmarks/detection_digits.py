@@ -29,7 +29,15 @@ import json
 import os
 import time
 
-from _bench import ensure_mocoray_importable, machine_line, median, parse_with_smoke, spread, table, tree_cpu_seconds
+from _bench import (
+    ensure_mocoray_importable,
+    machine_line,
+    median,
+    parse_with_smoke,
+    spread,
+    table,
+    tree_cpu_seconds,
+)
 
 ensure_mocoray_importable()
 

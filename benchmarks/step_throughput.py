@@ -55,7 +55,15 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from _bench import ensure_mocoray_importable, machine_line, median, parse_with_smoke, spread, table, tree_cpu_seconds
+from _bench import (
+    ensure_mocoray_importable,
+    machine_line,
+    median,
+    parse_with_smoke,
+    spread,
+    table,
+    tree_cpu_seconds,
+)
 
 ensure_mocoray_importable()
 
