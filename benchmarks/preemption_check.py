@@ -33,7 +33,7 @@ def worker(config: dict) -> None:
 
     from mocoray.config import load_config
     from mocoray.core.moco import train_step
-    from mocoray.jobs.pretrain.driver import build_moco
+    from mocoray.jobs.pretrain.loop import build_moco
 
     torch.set_num_threads(1)
     cfg = load_config(None, [f"model.arch={config['arch']}", f"moco.queue_size={config['queue']}",
