@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -81,10 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     trainer = TorchTrainer(worker, train_loop_config={**vars(args), "out": str(out)},
                            scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                            run_config=ray.train.RunConfig(name=f"preemption_check_{os.getpid()}",
-                                                          storage_path="/tmp/mocoray_bench"))
+                                                          storage_path=str(out.parent)))
     trainer.fit()
     ray.shutdown()  # with --address: only this driver's connection
     m = json.loads(out.read_text())
+    shutil.rmtree(out.parent, ignore_errors=True)  # Ray Train's run folder too
     step, check = m["step_ms"], m["check_ms"]
     print(machine_line())
     print(f"2 workers x 1 CPU, {args.arch}, batch {args.batch} per worker, K {args.queue}; medians of "
