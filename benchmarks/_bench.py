@@ -6,6 +6,7 @@ imports torch or mocoray (a GPU box may have torch but not the mocoray package i
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -21,6 +22,20 @@ def ensure_mocoray_importable() -> None:
         import mocoray  # noqa: F401
     except ImportError:
         sys.path.insert(0, str(REPO / "platform"))
+
+
+def parse_with_smoke(parser: argparse.ArgumentParser, argv: list[str] | None, **tiny) -> argparse.Namespace:
+    """Parse `argv` with a `--smoke` option that makes `tiny` the defaults (options given explicitly still win).
+
+    A smoke run takes the same code path as a real one at sizes that take seconds, and prints the same
+    table; tests/test_benchmarks.py runs every script that way, so a change that breaks one fails CI.
+    """
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, a few seconds, the same code path and table (what the tests run)")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--smoke" in argv:
+        parser.set_defaults(**tiny)
+    return parser.parse_args(argv)
 
 
 def cpu_name() -> str:

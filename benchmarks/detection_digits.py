@@ -19,6 +19,7 @@ small anchors, 300 proposals per image in training / 100 at test, 64 sampled RoI
 Examples:
     python benchmarks/detection_digits.py throughput
     python benchmarks/detection_digits.py learn --variants fpn --epochs 4 --train-images 1000
+    python benchmarks/detection_digits.py throughput --smoke     # seconds (the tests' check); also: learn --smoke
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ import json
 import os
 import time
 
-from _bench import ensure_mocoray_importable, machine_line, median, spread, table, tree_cpu_seconds
+from _bench import (
+    ensure_mocoray_importable,
+    machine_line,
+    median,
+    parse_with_smoke,
+    spread,
+    table,
+    tree_cpu_seconds,
+)
 
 ensure_mocoray_importable()
 
@@ -71,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=50, help="learn: linear warmup iterations")
     p.add_argument("--seeds", default="0", help="learn: comma list of init seeds")
     p.add_argument("--json", default=None, help="save the figures here")
-    return p.parse_args(argv)
+    return parse_with_smoke(p, argv, variants="c4,fpn-32", batch=2, rounds=1, steps=1, train_images=8, val_images=4,
+                            epochs=1, warmup=2)
 
 
 def detector(args: argparse.Namespace, variant: str) -> torch.nn.Module:

@@ -10,6 +10,11 @@ from the job's own per-pass metric).
 Examples:
     python benchmarks/detection_transfer.py --pretrain-recipe experiments/digits_moco_v2.yaml
     python benchmarks/detection_transfer.py --pretrain-run <run id> --tracking-uri sqlite:///mlflow.db --seeds 0,1,2
+    python benchmarks/detection_transfer.py --smoke --storage /tmp/runs --tracking-uri sqlite:////tmp/mlflow.db
+
+`--smoke` (what the tests run): the digits pretraining cut to 1 epoch of 2 steps, then one seed of each
+detector on 8 canvases for 1 pass, 1 worker each; the same code path and tables. `--address` runs the jobs
+on a running Ray instead of a local one started here.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import json
 import statistics
 import time
 
-from _bench import ensure_mocoray_importable, machine_line, table
+from _bench import REPO, ensure_mocoray_importable, machine_line, parse_with_smoke, table
 
 ensure_mocoray_importable()
 
@@ -35,9 +40,11 @@ METRICS = ("AP", "AP50", "AP75")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--pretrain-run", help="MLflow run id of a finished pretraining run")
     source.add_argument("--pretrain-recipe", help="run this pretraining recipe first and use its encoder")
+    p.add_argument("--pretrain-set", dest="pretrain_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="pretraining recipe override (repeatable)")
     p.add_argument("--recipe", default="experiments/detect_digits.yaml", help="detection recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="detection recipe override (repeatable), e.g. --set optim.epochs=2")
@@ -45,17 +52,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", default="./mocoray_runs", help="run.storage_path of every run")
     p.add_argument("--name", default="transfer", help="prefix of the run names")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument("--address", default=None, help="a running Ray cluster (default: start a local one)")
     p.add_argument("--json", default=None, help="save the figures here")
-    return p.parse_args(argv)
+    args = parse_with_smoke(
+        p, argv, pretrain_recipe=str(REPO / "experiments" / "digits_moco_v2.yaml"), seeds="0",
+        pretrain_overrides=["data.max_images=64", "optim.batch_size=32", "optim.epochs=1", "moco.queue_size=32",
+                            "run.num_workers=1"],
+        overrides=["data.train_canvases=8", "data.val_canvases=4", "optim.batch_size=4", "optim.epochs=1",
+                   "optim.warmup=1", "optim.milestones=[2]", "run.num_workers=1"])
+    if not (args.pretrain_run or args.pretrain_recipe):
+        p.error("one of --pretrain-run or --pretrain-recipe is required")
+    return args
 
 
 def pretraining_run(args: argparse.Namespace, uri: str) -> str:
     if args.pretrain_run:
         return args.pretrain_run
-    cfg = load_config(args.pretrain_recipe, [f"run.storage_path={args.storage}", f"run.name={args.name}-pretrain",
-                                             f"tracking.tracking_uri={uri}"])
+    cfg = load_config(args.pretrain_recipe, [*args.pretrain_overrides, f"run.storage_path={args.storage}",
+                                             f"run.name={args.name}-pretrain", f"tracking.tracking_uri={uri}"])
     t0 = time.perf_counter()
-    res = run_pretrain(cfg)
+    res = run_pretrain(cfg, address=args.address)
     print(f"pretraining {res.mlflow_run_id}: kNN top-1 {res.metrics['knn_top1']:.4f} "
           f"(random init {res.metrics['knn_top1_init']:.4f}) in {time.perf_counter() - t0:.0f} s", flush=True)
     return res.mlflow_run_id
@@ -83,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"run.storage_path={args.storage}", f"tracking.tracking_uri={uri}"]
             cfg = load_detect_config(args.recipe, overrides, values)
             t0 = time.perf_counter()
-            res = run_detection(cfg)
+            res = run_detection(cfg, address=args.address)
             wall = time.perf_counter() - t0
             row = {"source": source, "seed": seed, **{k: res.metrics[k] for k in METRICS},
                    "AP50_per_pass": history(uri, res.mlflow_run_id, "AP50"),

@@ -11,10 +11,13 @@
 #   4. the BN layers alone (split vs plain per layout), to explain the split-BN figure;
 #   5. a Markdown table for benchmarks/README.md naming the card.
 # Usage, from the repository root:  bash benchmarks/gpu_check.sh   (log and JSON go to $OUT, default /tmp/mocoray_gpu_check)
-# DRY_RUN=1 runs the same steps on the CPU with tiny settings (a check of the script itself, ~3 minutes).
+# `--smoke` runs steps 2-5 on the CPU with the scripts' --smoke sizes (seconds; step 1 is skipped, and step 3
+# compiles with the `eager` backend): a check of the script itself, which tests/test_benchmarks.py runs.
 # Needs python3 with torch + torchvision (CUDA), numpy, PIL, fsspec; pytest (tests are skipped without it);
-# no network, no Ray/MLflow/pydantic/pyarrow.
-set -u
+# no network, no Ray/MLflow/pydantic/pyarrow. Exits non-zero if any step failed (the others still run).
+set -u -o pipefail
+SMOKE=0
+[ "${1:-}" = "--smoke" ] && SMOKE=1
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/platform" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 OUT="${OUT:-${TMPDIR:-/tmp}/mocoray_gpu_check}"
@@ -29,43 +32,50 @@ JPEG="--jpeg-images 512 --rounds 3 --steps 6"
 COMPILE="--rounds 3 --steps 8"
 TESTS="tests/test_gpu.py tests/test_split_bn.py tests/test_compiled.py tests/test_gpu_metrics.py"
 BN="--device cuda --batch 256 --amp bf16"
-if [ "${DRY_RUN:-0}" = 1 ]; then
-  B="$PY benchmarks/step_throughput.py --device cpu --arch small_resnet --image-size 64 --data synthetic \
---batch 16 --queue 256"
-  JPEG="--jpeg-images 32 --rounds 1 --steps 1 --warmup 1"
-  COMPILE="--rounds 1 --steps 1 --warmup 1 --compile-backend aot_eager"  # inductor takes minutes on a CPU
-  TESTS="tests/test_gpu.py"
-  BN="--device cpu --arch resnet18 --image-size 32 --batch 16 --iters 1 --amp none"
+if [ "$SMOKE" = 1 ]; then
+  B="$PY benchmarks/step_throughput.py --smoke --device cpu --jpeg-dir $OUT/jpeg"
+  JPEG=""
+  COMPILE="--compile-backend eager"  # inductor takes minutes on a CPU
+  TESTS=""
+  BN="--smoke --device cpu"
   WORKERS=1
 fi
+FAILED=""
+step() {  # run one step; note it if it fails and go on
+  "$@" || FAILED="$FAILED [$*]"
+}
 
 {
-  nvidia-smi -L
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
-  $PY -c "import sys, torch, torchvision; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+  if [ "$SMOKE" = 0 ]; then
+    nvidia-smi -L
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  fi
+  step $PY -c "import sys, torch, torchvision; print('python', sys.version.split()[0], 'torch', torch.__version__, \
 'torchvision', torchvision.__version__, 'CUDA', torch.version.cuda, 'cores', __import__('os').cpu_count())"
-  $PY -c "import sys, mocoray.data.device_decode, mocoray.data.external, mocoray.jobs.gpu_metrics, mocoray.core.compiled; \
+  step $PY -c "import sys, mocoray.data.device_decode, mocoray.data.external, mocoray.jobs.gpu_metrics, mocoray.core.compiled; \
 print('ray/mlflow/pydantic/pyarrow imported:', sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'pydantic', 'pyarrow'}))"
 
   log "1. tests"
-  if $PY -c "import pytest" 2>/dev/null; then
-    [ "${DRY_RUN:-0}" != 1 ] && $PY -c "import pyarrow" 2>/dev/null && TESTS="$TESTS tests/test_device_decode.py"
-    timeout 120 $PY -m pytest -q -p no:cacheprovider -rs --durations=5 -W ignore::DeprecationWarning $TESTS
+  if [ -z "$TESTS" ]; then
+    echo "smoke run: tests skipped"
+  elif $PY -c "import pytest" 2>/dev/null; then
+    $PY -c "import pyarrow" 2>/dev/null && TESTS="$TESTS tests/test_device_decode.py"
+    step timeout 120 $PY -m pytest -q -p no:cacheprovider -rs --durations=5 -W ignore::DeprecationWarning $TESTS
   else
     echo "pytest is not installed here: tests skipped"
   fi
 
   log "2. model-only (split, plain) and end to end from JPEG files (gpu / cpu decode)"
-  timeout 180 $B --modes "model,model+plain,jpeg-gpu:3,jpeg-cpu:$WORKERS,jpeg-augment" $JPEG --json "$OUT/e2e.json"
+  step timeout 180 $B --modes "model,model+plain,jpeg-gpu:3,jpeg-cpu:$WORKERS,jpeg-augment" $JPEG --json "$OUT/e2e.json"
 
   log "3. torch.compile vs eager (split BN, the one-GPU default; device augmentation)"
-  timeout 230 $B --modes "model,model+compile,jpeg-augment,jpeg-augment+compile" $COMPILE --json "$OUT/compile.json"
+  step timeout 230 $B --modes "model,model+compile,jpeg-augment,jpeg-augment+compile" $COMPILE --json "$OUT/compile.json"
 
   log "4. BN layers alone"
-  timeout 45 $PY benchmarks/split_bn.py $BN
+  step timeout 45 $PY benchmarks/split_bn.py $BN
 
   log "5. table for benchmarks/README.md"
-  $PY - "$OUT/e2e.json" "$OUT/compile.json" <<'EOF'
+  $PY - "$OUT/e2e.json" "$OUT/compile.json" <<'EOF' || FAILED="$FAILED [table]"
 import json, sys
 
 runs = []
@@ -115,4 +125,8 @@ if comp and "model+compile" in comp["results"]:
           f"{comp['results']['model+compile']['warmup_s']:.0f} s "
           f"compiled, {comp['results']['model']['warmup_s']:.0f} s eager")
 EOF
+  if [ -n "$FAILED" ]; then
+    echo; echo "FAILED:$FAILED"
+    exit 1
+  fi
 } 2>&1 | tee "$OUT/gpu_check.log"

@@ -6,13 +6,14 @@ encoder and InfoNCE, written out in one loop, with the LR cosine over the *time*
 T 0.1) and logistic-regression top-1 on the val split, at random init (BN statistics recalibrated on the
 training images) and at the end, both with the running statistics training left and recalibrated.
 The defaults are sweep round 3's values (full width, paper flips); `--widths 16,32,64,256 --flip 0` is the
-demo as it ships (README, "Tuning the demo"). Run like the demo it tells whether the platform loses accuracy
+demo as it ships (docs/tuning.md). Run like the demo it tells whether the platform loses accuracy
 against a bare loop; other values try recipes in minutes without a sweep.
 
     python benchmarks/plain_moco_digits.py --budget 150
     python benchmarks/plain_moco_digits.py --budget 150 --jitter 0 --grayscale 0 --symmetric
     python benchmarks/plain_moco_digits.py --budget 150 --widths 16,32,64,128 --flip 0 --head-bn
     python benchmarks/plain_moco_digits.py --budget 150 --widths 16,32,64,256 --flip 0 --seed 1
+    python benchmarks/plain_moco_digits.py --smoke     # seconds, 256 images (the tests' check of the script)
 """
 
 from __future__ import annotations
@@ -23,20 +24,24 @@ import json
 import math
 import time
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from _bench import ensure_mocoray_importable, parse_with_smoke
 
-from mocoray.core.augment import BatchAugment, moco_spec, normalize_batch
-from mocoray.core.backbones import SmallResNet
-from mocoray.core.bn_stats import recompute_bn_statistics
-from mocoray.core.knn import knn_top1
-from mocoray.core.logreg import fit_logreg
-from mocoray.core.shuffle_bn import convert_to_split_bn
-from mocoray.data.digits import scattered_digits
+ensure_mocoray_importable()
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from mocoray.core.augment import BatchAugment, moco_spec, normalize_batch  # noqa: E402
+from mocoray.core.backbones import SmallResNet  # noqa: E402
+from mocoray.core.bn_stats import recompute_bn_statistics  # noqa: E402
+from mocoray.core.knn import knn_top1  # noqa: E402
+from mocoray.core.logreg import fit_logreg  # noqa: E402
+from mocoray.core.shuffle_bn import convert_to_split_bn  # noqa: E402
+from mocoray.data.digits import scattered_digits  # noqa: E402
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=150, help="training seconds (evaluation not counted)")
     p.add_argument("--batch", type=int, default=128)
@@ -58,8 +63,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eval-key-encoder", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-images", type=int, default=None,
+                   help="use only the first N training and N val images (default: all, 4,314 and 1,079)")
     p.add_argument("--json", help="also write the figures here")
-    return p.parse_args()
+    return parse_with_smoke(p, argv, budget=2, batch=32, queue=128, max_images=256, threads=1)
 
 
 def features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -82,11 +89,13 @@ def recalibrated(backbone: nn.Module, images: torch.Tensor) -> nn.Module:
     return out
 
 
-def main() -> None:
-    a = parse()
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     train, val = scattered_digits()
+    if a.max_images:
+        train, val = train.subset(range(min(a.max_images, len(train)))), val.subset(range(min(a.max_images, len(val))))
     images = train.images
 
     widths = tuple(int(w) for w in a.widths.split(",")) if a.widths else \

@@ -6,6 +6,9 @@ local Ray, 2 workers of 1 CPU each alternate, round after round: `--steps` MoCo 
 DDP, shuffle BN across both workers, random 32 px views, the job's own `build_moco` + `train_step`),
 then `--steps` checks. Reported: median ms per step, median ms per check, and what a check every 1 and
 every 10 steps adds to the step time.
+
+`--smoke` (what the tests run): 2 rounds of 1 step at batch 4, the same code path and lines; `--address`
+runs it on a running Ray instead of a local one started here.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from _bench import ensure_mocoray_importable, machine_line
+from _bench import ensure_mocoray_importable, machine_line, parse_with_smoke
 
 ensure_mocoray_importable()
 
@@ -30,7 +34,7 @@ def worker(config: dict) -> None:
 
     from mocoray.config import load_config
     from mocoray.core.moco import train_step
-    from mocoray.jobs.pretrain.driver import build_moco
+    from mocoray.jobs.pretrain.loop import build_moco
 
     torch.set_num_threads(1)
     cfg = load_config(None, [f"model.arch={config['arch']}", f"moco.queue_size={config['queue']}",
@@ -54,15 +58,16 @@ def worker(config: dict) -> None:
                                                    "check_ms": statistics.median(check_ms[1:])}))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="small_resnet")
     p.add_argument("--batch", type=int, default=32, help="per worker")
     p.add_argument("--queue", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=6, help="the first is warm-up and left out")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--address", default=None, help="a running Ray cluster (default: start a local one)")
     p.add_argument("--json", default=None)
-    args = p.parse_args()
+    args = parse_with_smoke(p, argv, batch=4, queue=64, rounds=2, steps=1)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local throwaway cluster
@@ -72,15 +77,16 @@ def main() -> None:
 
     from mocoray.jobs.runtime import init_ray
 
-    init_ray()  # a local Ray on 127.0.0.1, as the jobs start one
+    init_ray(args.address)  # else a local Ray on 127.0.0.1, as the jobs start one
     out = Path(tempfile.mkdtemp()) / "figures.json"
     trainer = TorchTrainer(worker, train_loop_config={**vars(args), "out": str(out)},
                            scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                            run_config=ray.train.RunConfig(name=f"preemption_check_{os.getpid()}",
-                                                          storage_path="/tmp/mocoray_bench"))
+                                                          storage_path=str(out.parent)))
     trainer.fit()
-    ray.shutdown()
+    ray.shutdown()  # with --address: only this driver's connection
     m = json.loads(out.read_text())
+    shutil.rmtree(out.parent, ignore_errors=True)  # Ray Train's run folder too
     step, check = m["step_ms"], m["check_ms"]
     print(machine_line())
     print(f"2 workers x 1 CPU, {args.arch}, batch {args.batch} per worker, K {args.queue}; medians of "

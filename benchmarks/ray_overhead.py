@@ -7,11 +7,12 @@ experiment's `knn.every: 1`; the epochs then take ~3x longer) and a checkpoint e
 tracking off.
 
 * plain: a separate Python process (spawned, no Ray in it) running the worker's loop built from the
-  job's own pieces (`build_moco`, `train_loader`, `train_one_epoch`, `evaluate_knn`,
-  `save_training_checkpoint` into a local folder).
-* ray: `jobs.pretrain.run_pretrain` on a local Ray started here (`ray.init(num_cpus=2)`), 1 worker,
-  its unmodified `train_loop_per_worker`; the benchmark only wraps `ray.train.report` in the worker to
-  stamp times and to pause there.
+  job's own pieces (`jobs/pretrain/`: `build_moco`, `train_loader`, `two_views`, `train_one_epoch`,
+  `knn_at_init`, `evaluate_trained`, and `save_training_checkpoint` into a local folder).
+* ray: `jobs.pretrain.driver.run_pretrain` on a local Ray started here (`ray.init(num_cpus=2)`; or the
+  cluster at `--address`), 1 worker, its unmodified `loop.train_loop_per_worker` (handed to Ray in place of
+  the driver's own reference to it); the benchmark only wraps `ray.train.report` in the worker to stamp
+  times and to pause there.
 
 Alternating epochs: the two runs take turns, one epoch at a time (ray epoch 1, plain epoch 1, ray
 epoch 2, plain epoch 2, ...): after each `ray.train.report` returns, the Ray worker waits until the
@@ -35,6 +36,9 @@ ray epoch e / plain epoch e, then the median):
   (Train controller, worker process, process group, data, model, initial kNN); the plain process
   from its spawn to the start of its first epoch (interpreter, imports, data, model, initial kNN),
   measured before Ray starts. And the tear-down from the last epoch to `run_pretrain` returning.
+
+`--smoke` (what the tests run): 2 epochs of 2 steps on 64 images, the same code path and table; with
+`--address` it joins a running Ray instead of starting one (ray.init is then only the connection).
 """
 
 from __future__ import annotations
@@ -48,7 +52,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import REPO, ensure_mocoray_importable, machine_line, median, table, tree_cpu_seconds
+from _bench import (
+    REPO,
+    ensure_mocoray_importable,
+    machine_line,
+    median,
+    parse_with_smoke,
+    table,
+    tree_cpu_seconds,
+)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local throwaway cluster
@@ -74,10 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="set RAY_worker_niceness (Ray starts its workers at nice 15 by default) before ray.init")
     p.add_argument("--no-dashboard", action="store_true",
                    help="ray.init(include_dashboard=False): no dashboard and dashboard agent processes")
+    p.add_argument("--address", default=None,
+                   help="a running Ray cluster to use (default: start a local Ray with 2 CPUs here)")
     p.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--keep", action="store_true", help="keep the temporary run folders and timing files")
-    return p.parse_args(argv)
+    return parse_with_smoke(p, argv, epochs=2, max_images=64, batch=32, set=["moco.queue_size=32"])
 
 
 def make_config(args: argparse.Namespace, storage: str, name: str) -> PretrainConfig:
@@ -115,7 +129,7 @@ def make_paced_loop(gate: str, driver_pid: int):
     def paced_loop(loop_config: dict) -> None:
         import ray.train
 
-        from mocoray.jobs.pretrain import driver as pretrain
+        from mocoray.jobs.pretrain import loop
 
         report = ray.train.report
         write_json(f"{gate}/ray_worker.json", {"nice": os.nice(0), "pid": os.getpid()})
@@ -133,59 +147,56 @@ def make_paced_loop(gate: str, driver_pid: int):
             wait_json(f"{gate}/plain_{e}.json")  # the plain process does its epoch e meanwhile
             state.update(t=time.time(), cpu=tree_cpu_seconds(driver_pid))
 
-        ray.train.report = paced_report
-        pretrain.train_loop_per_worker(loop_config)
+        ray.train.report = paced_report  # loop.py and state.py look it up at each call
+        loop.train_loop_per_worker(loop_config)
 
     return paced_loop
 
 
 def plain_process(cfg_dict: dict, gate: str, ckpt_root: str, t_spawn: float) -> None:
-    """The worker's loop without Ray (rank 0 of 1), taking turns with the Ray worker epoch by epoch."""
+    """The worker's loop without Ray (rank 0 of 1), taking turns with the Ray worker epoch by epoch: the steps of
+    `loop.train_loop_per_worker` for one worker, with a checkpoint written where Ray's report would take it."""
     from mocoray.checkpoints import save_training_checkpoint
-    from mocoray.core.augment import BatchAugment
+    from mocoray.core.compiled import make_sgd
     from mocoray.core.shuffle_bn import resolve_bn_mode
     from mocoray.data import build_pretrain_data
     from mocoray.jobs.faults import Faults
-    from mocoray.jobs.pretrain.driver import (
-        TrainState,
-        augment_spec,
-        build_moco,
-        evaluate_knn,
-        train_loader,
-        train_one_epoch,
-    )
+    from mocoray.jobs.pretrain.loop import build_moco, epoch_metrics, train_one_epoch
+    from mocoray.jobs.pretrain.monitor import evaluate_trained, knn_at_init
+    from mocoray.jobs.pretrain.state import TrainState
+    from mocoray.jobs.pretrain.views import train_loader, two_views
 
     cfg = PretrainConfig.model_validate(cfg_dict)
     torch.set_num_threads(cfg.run.torch_threads or 1)
     device = torch.device("cpu")
     data = build_pretrain_data(cfg.data)
-    bn_mode = resolve_bn_mode(cfg.moco.bn_mode, 1, "cpu")
+    bn_mode = resolve_bn_mode(cfg.moco.bn_mode, 1, device.type)
     torch.manual_seed(cfg.run.seed)
-    model = build_moco(cfg, bn_mode)
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.optim.effective_lr,
-                                momentum=cfg.optim.sgd_momentum, weight_decay=cfg.optim.weight_decay)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model = build_moco(cfg, bn_mode).to(device)
+    optimizer = make_sgd(model.encoder_q.parameters(), cfg.optim.effective_lr, cfg.optim.sgd_momentum,
+                         cfg.optim.weight_decay, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
     torch.manual_seed(cfg.run.seed * 1000 + 1)
     loader, sampler = train_loader(cfg, data.train, 0, 1)
-    augment = BatchAugment(augment_spec(cfg))
-    state, backbone = TrainState(), model.encoder_q.backbone
+    views, state, backbone = two_views(cfg), TrainState(), model.encoder_q.backbone
 
-    evaluate_knn(backbone, data, cfg, device, False)
+    state.monitor(*knn_at_init(backbone, data, cfg, device, False), init=True)
     write_json(f"{gate}/plain_ready.json", {"startup_s": time.time() - t_spawn})
     for epoch in range(cfg.optim.epochs):
         wait_json(f"{gate}/ray_{epoch + 1}.json")
         t0, c0 = time.time(), time.process_time()
-        sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, optimizer, scaler, augment, cfg, epoch, state, device, False, 0,
-                                Faults())
-        if (epoch + 1) % cfg.knn.every == 0 or epoch + 1 == cfg.optim.epochs:
-            evaluate_knn(backbone, data, cfg, device, False)
-        save_training_checkpoint(Path(ckpt_root) / f"epoch_{epoch + 1:04d}", rank=0, model_state=model.state_dict(),
+        sampler.set_epoch(epoch, state.step_in_epoch)
+        stats = train_one_epoch(model, loader, optimizer, scaler, views, cfg, epoch, state, device, False, 0, Faults())
+        state.epoch = epoch + 1
+        if state.epoch % cfg.knn.every == 0 or state.epoch == cfg.optim.epochs:
+            state.monitor(*evaluate_trained(backbone, data, cfg, device, False))
+        metrics = epoch_metrics(state, stats, cfg, time.time() - t0)
+        save_training_checkpoint(Path(ckpt_root) / f"epoch_{state.epoch:04d}", rank=0, model_state=model.state_dict(),
                                  optimizer_state=optimizer.state_dict(), scaler_state=scaler.state_dict(),
-                                 train_state={"epoch": epoch + 1}, meta={"metrics": {"loss": stats.loss}})
-        write_json(f"{gate}/plain_{epoch + 1}.json", {
+                                 train_state=vars(state), meta={"config": cfg_dict, "metrics": metrics})
+        write_json(f"{gate}/plain_{state.epoch}.json", {
             "t_start": t0, "t_end": time.time(), "cpu": time.process_time() - c0,
-            "pairs_per_s": stats.steps * cfg.optim.batch_size / stats.train_time_s})
+            "pairs_per_s": metrics["pairs_per_s"]})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     import ray.cloudpickle
 
-    from mocoray.jobs.pretrain import driver as pretrain
+    from mocoray.jobs.pretrain import driver
 
     ray.cloudpickle.register_pickle_by_value(_bench)  # the worker cannot import benchmarks/_bench.py
     torch.set_num_threads(1)  # the driver computes nothing; this only makes the machine line say what the runs use
@@ -209,7 +220,15 @@ def main(argv: list[str] | None = None) -> dict:
     t_spawn = time.time()
     proc = mp.get_context("spawn").Process(
         target=plain_process, args=(plain_cfg.model_dump(mode="json"), gate, str(work / "plain_ckpt"), t_spawn))
+    # Ray sets OMP_NUM_THREADS to a worker's CPUs; without it the BLAS under the kNN monitor's logistic
+    # regression runs a thread per core in the plain process, and on a busy machine they spin.
+    omp = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(max(1, int(plain_cfg.run.cpus_per_worker)))
     proc.start()
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
     plain_startup = wait_json(f"{gate}/plain_ready.json")["startup_s"]
     print(f"plain process ready: {plain_startup:.1f}s from spawn to first epoch", flush=True)
 
@@ -217,18 +236,21 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.time()
     if args.worker_niceness is not None:
         os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=not args.no_dashboard,
-             configure_logging=False, log_to_driver=args.verbose)
+    if args.address:
+        ray.init(address=args.address, configure_logging=False, log_to_driver=args.verbose)
+    else:
+        ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=not args.no_dashboard,
+                 configure_logging=False, log_to_driver=args.verbose)
     ray_init_s = time.time() - t
-    original = pretrain.train_loop_per_worker
-    pretrain.train_loop_per_worker = make_paced_loop(gate, os.getpid())  # what run_pretrain hands to Ray
+    original = driver.train_loop_per_worker
+    driver.train_loop_per_worker = make_paced_loop(gate, os.getpid())  # the name run_pretrain hands to Ray
     try:
         t_call = time.time()
-        res = pretrain.run_pretrain(ray_cfg)
+        res = driver.run_pretrain(ray_cfg)
         t_done = time.time()
     finally:
-        pretrain.train_loop_per_worker = original
-        ray.shutdown()
+        driver.train_loop_per_worker = original
+        ray.shutdown()  # with --address: only this driver's connection
         proc.join(timeout=60)
     if res.status != "completed":
         raise SystemExit(f"the Ray run ended with status {res.status!r}")
@@ -263,8 +285,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{ray_cfg.model.arch}, batch {ray_cfg.optim.batch_size}, K {ray_cfg.moco.queue_size}, {args.max_images} "
           f"images ({args.max_images // ray_cfg.optim.batch_size} steps/epoch), {E} epochs taking turns, kNN "
           f"{'every epoch' if args.knn_every_epoch else 'at init + last epoch'}, checkpoint every epoch, "
-          f"1 worker x 1 CPU x 1 thread; Ray worker niceness {worker_nice}, dashboard "
-          f"{'off' if args.no_dashboard else 'on'}")
+          f"1 worker x 1 CPU x 1 thread; Ray worker niceness {worker_nice}, "
+          + (f"the cluster at {args.address} (its processes are not this driver's: Ray's CPU s count less)"
+             if args.address else f"dashboard {'off' if args.no_dashboard else 'on'}"))
 
     def pct(ratios: list[float]) -> str:
         return f"{(median(ratios) - 1) * 100:+.1f}% ({(min(ratios) - 1) * 100:+.0f}..{(max(ratios) - 1) * 100:+.0f})" \

@@ -10,6 +10,7 @@ adds them up: milliseconds of BN per encoder pass at the given batch. Implementa
                      copies to NCHW and back (what made channels_last + split 2.6x slower on an H100)
 
 Example (GPU): PYTHONPATH=platform python benchmarks/split_bn.py --device cuda --batch 256 --amp bf16
+Seconds on a CPU (the tests' check of the script): python benchmarks/split_bn.py --smoke
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import time
 from collections import Counter
 
-from _bench import ensure_mocoray_importable, machine_line, table
+from _bench import ensure_mocoray_importable, machine_line, parse_with_smoke, table
 
 ensure_mocoray_importable()
 
@@ -75,7 +76,7 @@ def time_layer(layer: nn.Module, x: torch.Tensor, backward: bool, iters: int, am
     return sorted(times)[len(times) // 2]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="resnet50", choices=ARCHS)
     p.add_argument("--image-size", type=int, default=224)
@@ -84,7 +85,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", default="bf16", choices=["none", "bf16", "fp16"])
     p.add_argument("--iters", type=int, default=10)
-    args = p.parse_args()
+    args = parse_with_smoke(p, argv, arch="small_resnet", image_size=32, batch=16, iters=1, amp="none")
     dev = torch.device(args.device)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     if dev.type == "cuda":

@@ -43,6 +43,7 @@ Examples:
     python benchmarks/step_throughput.py --device cuda --arch resnet50 --image-size 224 \\
         --data synthetic --batch 256 --queue 65536 --amp bf16 --channels-last \\
         --modes model,model+plain,jpeg-gpu:3,jpeg-cpu:12
+    python benchmarks/step_throughput.py --smoke --jpeg-dir /tmp/jpeg   # seconds: the tests' check of the script
 """
 
 from __future__ import annotations
@@ -54,7 +55,15 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from _bench import ensure_mocoray_importable, machine_line, median, spread, table, tree_cpu_seconds
+from _bench import (
+    ensure_mocoray_importable,
+    machine_line,
+    median,
+    parse_with_smoke,
+    spread,
+    table,
+    tree_cpu_seconds,
+)
 
 ensure_mocoray_importable()
 
@@ -114,7 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the +compile variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this file")
-    args = p.parse_args(argv)
+    # --smoke: every CPU mode but +compile, one step each, on 8-image batches of 32 px synthetic images
+    args = parse_with_smoke(p, argv, batch=8, queue=64, data="synthetic", jpeg_images=8, rounds=1, steps=1, warmup=1,
+                            modes="model,model+plain,pipeline,loader,augment,jpeg-gpu:0,jpeg-cpu:0,jpeg-augment",
+                            loader_workers="0,1")
     cuda = args.device.startswith("cuda")
     args.steps = args.steps or (20 if cuda else 3)
     args.rounds = args.rounds or (3 if cuda else 8)

@@ -33,17 +33,20 @@ over rounds per contender, the rounds' min-max, the best round, and ratios to li
 of the per-round ratios (plus the ratio of medians). Many short rounds (2 steps) beat a few long
 ones here: a burst of load from another process then spoils a few rounds, not the median.
 
-Needs `pip install lightly` (benchmark only; not a project dependency).
+Needs `pip install lightly` (benchmark only; not a project dependency). `--smoke` (seconds: what the tests
+run) runs without it too: then ours, the control and ours with split BN are timed against the control, and the
+output says that lightly is absent.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import time
 
-from _bench import ensure_mocoray_importable, machine_line, median, spread, table
+from _bench import ensure_mocoray_importable, machine_line, median, parse_with_smoke, spread, table
 
 ensure_mocoray_importable()
 
@@ -74,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--with-split", action="store_true", help="also time ours with bn_mode=split (information)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 steps of each side")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return parse_with_smoke(p, argv, batch=16, queue=64, rounds=2, steps=1, warmup=1, inputs=2, with_split=True)
 
 
 class LightlyMoCo(nn.Module):
@@ -125,9 +128,12 @@ def sgd(params) -> torch.optim.Optimizer:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from lightly import __version__ as lightly_version
-    from lightly.loss import NTXentLoss
-    from lightly.models.modules import MoCoProjectionHead
+    with_lightly = importlib.util.find_spec("lightly") is not None
+    if not with_lightly and not args.smoke:
+        raise SystemExit("vs_lightly.py needs lightly: pip install lightly (benchmark only, not a project "
+                         "dependency); --smoke runs our side and the control without it")
+    if not with_lightly and args.no_control:
+        raise SystemExit("without lightly the control is the reference: leave out --no-control")
 
     torch.manual_seed(args.seed)
     backbone, feat = build_backbone("small_resnet")
@@ -137,17 +143,19 @@ def main(argv: list[str] | None = None) -> dict:
     ours = MoCo(copy.deepcopy(pristine), args.queue, args.momentum, args.temperature, bn_mode="shuffle")
     ours_opt = sgd(ours.encoder_q.parameters())
 
-    head = MoCoProjectionHead(feat, feat, args.dim)
-    head.layers.load_state_dict(pristine.head.state_dict())  # Linear, ReLU, Linear on both sides
-    theirs = LightlyMoCo(copy.deepcopy(pristine.backbone), head)
-    criterion = NTXentLoss(temperature=args.temperature, memory_bank_size=(args.queue, args.dim))
-    criterion.memory_bank.bank.copy_(ours.queue.keys)  # same initial negatives
-    theirs_opt = sgd(list(theirs.backbone.parameters()) + list(theirs.projection_head.parameters()))
+    contenders = {"ours": lambda q, k: train_step(ours, q, k, ours_opt)}
+    if with_lightly:
+        from lightly import __version__ as lightly_version
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules import MoCoProjectionHead
 
-    contenders = {
-        "ours": lambda q, k: train_step(ours, q, k, ours_opt),
-        "lightly": lambda q, k: lightly_step(theirs, criterion, theirs_opt, q, k, args.momentum),
-    }
+        head = MoCoProjectionHead(feat, feat, args.dim)
+        head.layers.load_state_dict(pristine.head.state_dict())  # Linear, ReLU, Linear on both sides
+        theirs = LightlyMoCo(copy.deepcopy(pristine.backbone), head)
+        criterion = NTXentLoss(temperature=args.temperature, memory_bank_size=(args.queue, args.dim))
+        criterion.memory_bank.bank.copy_(ours.queue.keys)  # same initial negatives
+        theirs_opt = sgd(list(theirs.backbone.parameters()) + list(theirs.projection_head.parameters()))
+        contenders["lightly"] = lambda q, k: lightly_step(theirs, criterion, theirs_opt, q, k, args.momentum)
     if not args.no_control:
         control = MoCo(copy.deepcopy(pristine), args.queue, args.momentum, args.temperature, bn_mode="shuffle")
         control.queue.keys.copy_(ours.queue.keys)
@@ -171,11 +179,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Same first step from the same weights, queue and inputs: the two compute the same thing.
     ours.train()
-    theirs.train()
     q0, k0 = inputs[0]
     loss_ours = train_step(ours, q0, k0, ours_opt).loss
-    loss_theirs = float(lightly_step(theirs, criterion, theirs_opt, q0, k0, args.momentum))
-    same = abs(loss_ours - loss_theirs) <= 1e-4 * max(1.0, abs(loss_ours))
+    if with_lightly:
+        theirs.train()
+        loss_theirs = float(lightly_step(theirs, criterion, theirs_opt, q0, k0, args.momentum))
+        same = abs(loss_ours - loss_theirs) <= 1e-4 * max(1.0, abs(loss_ours))
 
     counters = dict.fromkeys(contenders, 0)
 
@@ -201,11 +210,16 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"--- profile: {name} (3 steps) ---")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
-    print(f"machine: {machine_line()}; lightly {lightly_version}")
+    print(f"machine: {machine_line()}; " + (f"lightly {lightly_version}" if with_lightly else "lightly ABSENT"))
     print(f"small_resnet + v2 MLP head, batch {args.batch}, K {args.queue}, dim {args.dim}, {args.image_size} px, "
           f"{args.threads} thread(s); {args.rounds} rounds x {args.steps} steps per side after {args.warmup} warm-up")
-    print(f"first-step loss from identical weights/queue/inputs: ours {loss_ours:.5f}, lightly {loss_theirs:.5f} "
-          f"({'same' if same else 'DIFFERENT'})")
+    if with_lightly:
+        print(f"first-step loss from identical weights/queue/inputs: ours {loss_ours:.5f}, lightly {loss_theirs:.5f} "
+              f"({'same' if same else 'DIFFERENT'})")
+    else:
+        print("lightly is not installed (pip install lightly): no comparison with it; ours and its variants are "
+              "timed against the control, a second identical copy of ours")
+    reference = "lightly" if with_lightly else "ours (control)"
 
     names = list(contenders)
     wall: dict[str, list[float]] = {n: [] for n in names}  # pairs per wall-clock second, per round
@@ -220,23 +234,25 @@ def main(argv: list[str] | None = None) -> dict:
             cpu[name].append(args.batch * args.steps / c)
 
     def rel(d: dict[str, list[float]], name: str) -> list[float]:
-        return [a / b for a, b in zip(d[name], d["lightly"], strict=True)]
+        return [a / b for a, b in zip(d[name], d[reference], strict=True)]
 
     rows = []
     for name in names:
         rows.append([name, f"{median(wall[name]):.1f}", f"{median(rel(wall, name)):.3f}x",
                      f"{median(cpu[name]):.1f}", spread(cpu[name]), f"{max(cpu[name]):.1f}",
                      f"{median(rel(cpu, name)):.3f}x"])
-    print(table(["implementation", "pairs/s wall", "vs lightly", "pairs/CPU-s", "rounds min-max", "best",
-                 "vs lightly"], rows))
-    out = {"machine": machine_line(), "lightly": lightly_version, "same_first_loss": same, "args": vars(args)}
+    print(table(["implementation", "pairs/s wall", f"vs {reference}", "pairs/CPU-s", "rounds min-max", "best",
+                 f"vs {reference}"], rows))
+    out = {"machine": machine_line(), "lightly": lightly_version if with_lightly else None,
+           "same_first_loss": same if with_lightly else None, "args": vars(args)}
     for label, d in (("wall", wall), ("cpu", cpu)):
         ratios = rel(d, "ours")
-        print(f"ours/lightly ({label}): median of per-round ratios {median(ratios):.3f} "
-              f"(rounds {min(ratios):.3f}-{max(ratios):.3f}); ratio of medians "
-              f"{median(d['ours']) / median(d['lightly']):.3f}")
-        out[label] = {"pairs_per_s": {n: median(v) for n, v in d.items()}, "ratio": median(ratios),
-                      "ratios": ratios, "rounds": d}
+        if with_lightly:
+            print(f"ours/lightly ({label}): median of per-round ratios {median(ratios):.3f} "
+                  f"(rounds {min(ratios):.3f}-{max(ratios):.3f}); ratio of medians "
+                  f"{median(d['ours']) / median(d['lightly']):.3f}")
+        out[label] = {"pairs_per_s": {n: median(v) for n, v in d.items()}, "reference": reference,
+                      "ratio": median(ratios), "ratios": ratios, "rounds": d}
     if "ours (control)" in names:
         aa = [a / b for a, b in zip(cpu["ours"], cpu["ours (control)"], strict=True)]
         print(f"noise floor: ours/control (two identical copies of ours, CPU time): median {median(aa):.3f}, "
@@ -246,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return out
+
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,17 @@ def tiny_pretrain_overrides(tmp_path: Path, name: str = "tiny", **extra) -> list
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, message: str | Callable[[], str]) -> None:
+    """Poll `predicate` until it holds; fail with `message` (a string, or a function for one read at the time,
+    such as a log's tail) if it still does not after `timeout_s`. A guard against a hang, not a measurement:
+    give it a generous timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(message() if callable(message) else message)
+        time.sleep(0.1)
 
 
 @pytest.fixture

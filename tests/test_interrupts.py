@@ -100,9 +100,9 @@ def test_a_signal_leaves_the_fit_thread_running_until_ray_is_stopped_and_then_wa
         threading.Timer(0.5, release.set).start()
 
     monkeypatch.setattr(ray, "shutdown", shutdown)
-    start = time.monotonic()
-    interrupts.stop_ray(wait_s=10)
-    assert not fit_thread.is_alive() and 0.4 < time.monotonic() - start < 5
+    interrupts.stop_ray(wait_s=60)
+    # it returned once the fit thread had ended, and the thread ended because Ray's shutdown released it
+    assert release.is_set() and not fit_thread.is_alive()
 
 
 def test_sigint_stops_the_job_marks_the_run_killed_and_says_how_to_resume(ray_session, tmp_path):

@@ -139,14 +139,22 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_session, 
     assert run.info.status == "FAILED" and run.data.tags["mocoray.status"] == "nonfinite_loss"
 
 
-def test_missing_dataset_path_is_named_before_anything_starts(tmp_path):
+def test_missing_dataset_path_is_named_before_anything_starts(tmp_path, monkeypatch):
+    from mocoray.jobs import runtime
+
     missing = tmp_path / "no-such-imagenet"
     cfg = load_config(None, tiny_pretrain_overrides(tmp_path, "missing", **{"data.name": "imagefolder",
                                                                             "data.root": str(missing)}))
-    t0 = time.time()
+
+    def no_ray(address=None):
+        raise AssertionError("Ray was started for a run whose dataset is missing")
+
+    monkeypatch.setattr(runtime, "init_ray", no_ray)
     with pytest.raises(DatasetNotFoundError, match=f"data.root: {missing}"):
         run_pretrain(cfg)
-    assert time.time() - t0 < 10  # failed on the driver, before Ray or MLflow did anything
+    # failed on the driver before Ray, the run folder or the MLflow run existed
+    assert not (tmp_path / "runs").exists()
+    assert _client(tmp_path).get_experiment_by_name("tests") is None
 
 
 def _image(color: int, fmt: str = "PNG") -> bytes:
@@ -217,9 +225,9 @@ def test_the_readme_demo_learns_on_scattered_digits(ray_session, tmp_path):
     by kNN and by logistic regression on standardised frozen features (the val split; `knn.logreg`).
 
     Measured (the seed fixes data order, augmentations and initialisation): kNN 0.8217 vs 0.5822 at init (+0.240),
-    logistic regression 0.9415 vs 0.5135 (+0.428), 3.8-4.7 minutes from the command to the summary (README). The
-    floors leave one seed's worth of slack (~0.01-0.02 between seeds, README round 6) for another CPU's
-    floating-point order.
+    logistic regression 0.9415 vs 0.5135 (+0.428); the README states the run's time (227-279 s on 2 idle cores),
+    printed here, not asserted: a loaded host must not fail the test. The floors leave one seed's worth of slack
+    (~0.01-0.02 between seeds, docs/tuning.md round 6) for another CPU's floating-point order.
     """
     cfg = load_config(EXPERIMENTS / "digits_moco_v2.yaml", [
         f"run.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
@@ -232,7 +240,6 @@ def test_the_readme_demo_learns_on_scattered_digits(ray_session, tmp_path):
           f"in {minutes:.1f} min")
     assert m["knn_top1"] >= 0.78 and m["knn_margin"] >= 0.20  # measured 0.8217, +0.240
     assert m["logreg_top1"] >= 0.93 and m["logreg_margin"] >= 0.40  # measured 0.9415, +0.428
-    assert minutes <= 7  # 3.8-4.7 on an idle 2-core machine; slack for a loaded CI host
 
 
 def test_precise_bn_monitor_evaluates_a_recalibrated_copy_and_leaves_the_run_untouched(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MlflowServer, free_port, tiny_pretrain_overrides
+from conftest import MlflowServer, free_port, tiny_pretrain_overrides, wait_until
 from local_cluster import Driver, LocalCluster
 from mocoray.jobs.preemption import RECORD_FILE, read_record
 from mocoray.tracking.outbox import UNSENT_FILE
@@ -66,12 +66,12 @@ class Pauses:
     def faults(self, **extra) -> dict:
         return {"pause_after_epochs": self.epochs, "pause_dir": str(self.dir), **extra}
 
-    def wait(self, epoch: int, driver: Driver, timeout: float = 300) -> None:
-        deadline = time.time() + timeout
-        while not (self.dir / f"paused_{epoch}").exists():
+    def wait(self, epoch: int, driver: Driver, timeout: float = 600) -> None:
+        def paused() -> bool:
             assert driver.proc.poll() is None, f"the run ended early: {driver.log.read_text()[-4000:]}"
-            assert time.time() < deadline, f"no pause after epoch {epoch}: {driver.log.read_text()[-4000:]}"
-            time.sleep(0.3)
+            return (self.dir / f"paused_{epoch}").exists()
+
+        wait_until(paused, timeout, lambda: f"no pause after epoch {epoch}: {driver.log.read_text()[-4000:]}")
 
     def go(self, epoch: int) -> None:
         (self.dir / f"go_{epoch}").touch()
@@ -172,17 +172,20 @@ def test_elastic_workers_shrink_when_a_node_dies_and_grow_when_one_comes_back(cl
     assert int(final["model"]["queue.ptr"]) == (3 * 16 * 16) % 64
 
 
-def _wait_for_world_size(tmp_path: Path, run_name: str, size: int, after: int, timeout: float = 180) -> None:
+def _wait_for_world_size(tmp_path: Path, run_name: str, size: int, after: int, timeout: float = 600) -> None:
     """Until the run's world_size metric has gone from `after` to `size`."""
-    client, deadline = _client(tmp_path), time.time() + timeout
+    client = _client(tmp_path)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
                                 filter_string=f"attributes.run_name = '{run_name}'")
-    while True:
-        sizes = _values_in_time_order(client, run.info.run_id, "world_size")
-        if after in sizes and size in sizes[sizes.index(after):]:
-            return
-        assert time.time() < deadline, f"world size never went from {after} to {size}: {sizes}"
-        time.sleep(1)
+
+    def sizes() -> list[float]:
+        return _values_in_time_order(client, run.info.run_id, "world_size")
+
+    def went_over() -> bool:
+        seen = sizes()
+        return after in seen and size in seen[seen.index(after):]
+
+    wait_until(went_over, timeout, lambda: f"world size never went from {after} to {size}: {sizes()}")
 
 
 def _png(i: int) -> bytes:

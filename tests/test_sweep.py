@@ -149,7 +149,7 @@ def test_shipped_sweep_recipes_validate():
     assert cifar.resources.gpus_per_worker == 0.5
     tiny = load_sweep_config(TINY)
     assert set(tiny.space) == {"moco.queue_size", "moco.momentum", "moco.temperature"}
-    # the demo's tuning rounds 4 and 5 (README): full grids ranked by logistic regression
+    # the demo's tuning rounds 4 and 5 (docs/tuning.md): full grids ranked by logistic regression
     head_flip = load_sweep_config(EXPERIMENTS / "sweep_digits_head_flip.yaml")
     assert [s.values for s in head_flip.space.values()] == [[0.5, 0.0], [False, True], [0.4, 0.0]]
     m_epochs = load_sweep_config(EXPERIMENTS / "sweep_digits_m_epochs.yaml")

@@ -10,9 +10,10 @@ TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 # Small ResNets by name, as torchvision names its widths (wide_resnet50_2): a name is all a checkpoint, an
 # MLflow run or a registered model has to record for the backbone to be rebuilt. The slim one has half the
 # channels and a quarter of the multiply-adds: on 2 CPU cores it trains ~3.4x the pairs per second, which
-# on scattered digits learns more in a fixed budget than the full width does (README, issue 18). The wide
-# slim one keeps the full width's last stage: that stage runs at 4x4 px, so doubling it costs ~1.3x the
-# time, and its 256 features are what a linear probe reads (+0.017 logistic regression on digits, 3 seeds).
+# on scattered digits learns more in a fixed budget than the full width does (docs/tuning.md, issue 18).
+# The wide slim one keeps the full width's last stage: that stage runs at 4x4 px, so doubling it costs
+# ~1.3x the time, and its 256 features are what a linear probe reads (+0.017 logistic regression on
+# digits, 3 seeds).
 SMALL_RESNETS = {
     "small_resnet": (32, 64, 128, 256),
     "small_resnet_slim": (16, 32, 64, 128),
