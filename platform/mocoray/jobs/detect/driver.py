@@ -14,7 +14,6 @@ its checkpoint was taken (same data order, same RNG states), so it ends with the
 uninterrupted run ends with.
 """
 
-
 from __future__ import annotations
 
 import sys

@@ -2,7 +2,6 @@
 detector built around the encoder, its checkpoint state, and evaluation on the validation split.
 """
 
-
 from __future__ import annotations
 
 import math

@@ -17,7 +17,6 @@ close on GPUs where TF32 / cuDNN algorithms depend on the batch) but not the sam
 whose crops change every epoch.
 """
 
-
 from __future__ import annotations
 
 import sys

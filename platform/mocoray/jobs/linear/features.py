@@ -2,7 +2,6 @@
 labelled views, and the fc layer's inputs (features cached once, or images through the backbone per step).
 """
 
-
 from __future__ import annotations
 
 import torch

@@ -2,7 +2,6 @@
 runs on every worker), with the logistic-regression protocol and the head's checkpoints.
 """
 
-
 from __future__ import annotations
 
 import tempfile

@@ -7,7 +7,6 @@ epoch; the epoch's global sample order does not depend on the number of workers 
 run resumes exactly where it stopped, on any world size of its elastic range.
 """
 
-
 from __future__ import annotations
 
 import json

@@ -2,7 +2,6 @@
 `train_one_epoch` (the epoch's MoCo steps), readable top to bottom.
 """
 
-
 from __future__ import annotations
 
 import time

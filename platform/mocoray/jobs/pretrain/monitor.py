@@ -2,7 +2,6 @@
 same encoder at random init, BN statistics recomputed on training images for a fair baseline.
 """
 
-
 from __future__ import annotations
 
 import torch

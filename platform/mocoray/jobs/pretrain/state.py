@@ -2,7 +2,6 @@
 is written and restored, where an attempt starts, and what rank 0 records about each (re)start.
 """
 
-
 from __future__ import annotations
 
 import json

@@ -2,7 +2,6 @@
 augmentation recipe, and the function that turns a batch into (im_q, im_k) on the device.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
