@@ -112,7 +112,6 @@ def test_plot_is_a_png_with_one_line_per_momentum(local_store, tmp_path):
                   str(tmp_path / "empty.png"), y="AP75")
 
 
-
 def test_compare_with_an_unreachable_server_says_so_and_not_that_the_filter_is_wrong(capsys):
     from conftest import free_port
 

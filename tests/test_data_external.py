@@ -87,7 +87,6 @@ def test_corrupt_image_raises_from_dataset_and_is_skipped_and_counted(image_root
     assert images.shape == (len(train), 3, 16, 16) and images.dtype == torch.uint8 and labels.shape == (6,)
 
 
-
 def test_each_corrupt_file_is_counted_once_and_warned_about_once(tmp_path: Path, caplog) -> None:
     """66 files, 6 corrupt: a run of 3 adjacent ones, a run of 2 and a single one. Serving every item once
     (an epoch) counts 6, not 3+2+1 + 2+1 + 1 = 10; a second pass (the next kNN extraction) warns no more."""

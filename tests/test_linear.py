@@ -230,7 +230,6 @@ def test_linear_eval_of_pretrained_encoder_beats_random_init_and_is_linked_to_it
     assert pretrained_top1 > random_top1 + 0.05, (pretrained_top1, random_top1)
 
 
-
 def test_feature_norm_batchnorm_makes_the_paper_lr_work_on_unnormalised_features(digits_pretrain):
     """lr 30 (the paper's, for ResNet-50 features) on small_resnet features of norm ~10: the plain fc layer
     is thrown around by it, the affine-free BatchNorm in front of it (linear.feature_norm) is not. Measured:

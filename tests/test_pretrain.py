@@ -184,7 +184,6 @@ def test_corrupt_image_in_an_imagefolder_is_skipped_and_counted(ray_session, tmp
     assert res.metrics["corrupt_images_skipped"] == 3  # 32 images, 2 full batches: every file is served once
 
 
-
 class _CountingReads(Dataset):
     """A dataset that records which items were read (to see how much of a kNN bank gets extracted)."""
 

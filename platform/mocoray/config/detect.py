@@ -28,7 +28,6 @@ DATA_PATHS = {
 PATH_FIELDS = ("root", "val_root", "annotations", "val_annotations")
 
 
-
 def class_list_problem(names: Sequence[str]) -> str | None:
     """What is wrong with a class list (none given, an empty name, a name given twice), or None."""
     if not names:

@@ -20,7 +20,6 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-
 def same_on_all_ranks(t: torch.Tensor) -> bool:
     """Whether `t` agrees on every rank, compared through its sum and a position-weighted sum (float64).
 

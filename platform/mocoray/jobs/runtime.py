@@ -240,8 +240,6 @@ class JobRun:
             safely("release of the run name", release_run_key, self.tracking_uri, self.mlflow_run_id)
         return True
 
-
-
     def mark_interrupted(self, signal_name: str, tags: dict[str, str] | None = None) -> None:
         """Status file and MLflow run (KILLED, mocoray.status=interrupted) of a job stopped by a signal."""
         write_status(self.status_url, {"status": "interrupted", "signal": signal_name})

@@ -176,6 +176,8 @@ def _registrations(c) -> dict[str, dict[str, str]]:
             cols["registered"].append(f"{mv.name}/{mv.version}")
             cols["alias"] += aliases.get((mv.name, str(mv.version)), [])
     return {rid: {k: " ".join(sorted(v)) for k, v in cols.items()} for rid, cols in out.items()}
+
+
 def open_store(uri: str):
     """A client for an existing store: a local store that is not there is not created (a mistyped path would
     otherwise leave an empty database behind), and a server that does not answer is named as the problem."""

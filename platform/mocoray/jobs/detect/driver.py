@@ -38,6 +38,8 @@ from .loop import build_model, train_loop_per_worker, voc_classes
 
 DETECTION_RUN_TAG = "mocoray.detection_run_id"  # set on the pretraining run: its newest detection transfer
 DETECTOR_CHECKPOINT_TAG = "mocoray.detector_checkpoint"  # the detection run's own final checkpoint
+
+
 class DetectionFailed(RuntimeError):
     """The detection run did not complete; `result` holds what it left behind, if anything."""
 
