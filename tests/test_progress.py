@@ -133,3 +133,30 @@ def test_knn_baseline_at_init_uses_statistics_recomputed_on_training_images(chat
     finally:
         torch.set_num_threads(threads)
     assert _history(chatty_run, "knn_top1_init")[0] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_command_gives_the_terminal_and_the_loggers_back_when_it_ends(tmp_path, capsys):
+    """`main` owns the terminal only while its command runs: a caller in the same process (a test, a notebook)
+    gets Ray's and MLflow's loggers back as they were, and later jobs print through Ray as before."""
+    import logging
+    import warnings
+
+    import mlflow  # noqa: F401  (Ray and MLflow set their loggers up when imported: compare with that state)
+    import ray  # noqa: F401
+
+    from mocoray.cli import main
+    from mocoray.jobs import console
+
+    ray_logger = logging.getLogger("ray")
+    before = (ray_logger.propagate, list(ray_logger.handlers), [h.level for h in ray_logger.handlers])
+    missing = tmp_path / "no-such-folder"
+    # the command takes the terminal, then refuses the missing dataset before Ray starts
+    rc = main(["pretrain", "--set", "data.name=imagefolder", "--set", f"data.root={missing}",
+               "--set", f"run.storage_path={tmp_path / 'runs'}", "--set", "tracking.enabled=false"])
+    assert rc == 2 and str(missing) in capsys.readouterr().err
+    assert console._terminal is None and console.log_to_driver()
+    assert (ray_logger.propagate, list(ray_logger.handlers), [h.level for h in ray_logger.handlers]) == before
+    with warnings.catch_warnings(record=True) as caught:  # Python warnings are warnings again, not log records
+        warnings.simplefilter("always")
+        warnings.warn("still a warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["still a warning"]

@@ -8,6 +8,7 @@ import sys
 
 from .. import __version__
 from ..config import ConfigError
+from ..jobs.console import release_terminal
 from ..jobs.interrupts import JobInterrupted
 from .commands import (
     _cmd_compare,
@@ -181,3 +182,5 @@ def main(argv: list[str] | None = None) -> int:
     except JobInterrupted as sig:  # a second signal while the job was cleaning up after the first
         print(f"mocoray {args.command}: interrupted again ({sig.name}) while stopping", file=sys.stderr)
         return sig.exit_code
+    finally:
+        release_terminal()  # the command is over: a caller in the same process (a test, a notebook) gets it back

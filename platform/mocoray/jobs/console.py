@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 LOG_FILE = "mocoray.log"
@@ -71,22 +72,36 @@ def _is_terminal_handler(handler: logging.Handler) -> bool:
     return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
 
 
-def silence_terminal() -> None:
-    """Ray's and MLflow's loggers print only ERROR records on the terminal; Python warnings become log records."""
+def silence_terminal() -> Callable[[], None]:
+    """Ray's and MLflow's loggers print only ERROR records on the terminal; Python warnings become log records.
+
+    Returns the function that puts everything back as it was (the command is over: a test or a notebook
+    that calls `main` goes on in the same process)."""
     import mlflow  # noqa: F401  (both set up their loggers when imported: silence them after that)
     import ray  # noqa: F401
 
+    undo: list[Callable[[], None]] = []
     logging.captureWarnings(True)
+    undo.append(lambda: logging.captureWarnings(False))
     for name in QUIET_LOGGERS:
         logger = logging.getLogger(name)
         shown = [h for h in logger.handlers if _is_terminal_handler(h)]
         for handler in shown:
+            undo.append(lambda h=handler, level=handler.level: h.setLevel(level))
             handler.setLevel(logging.ERROR)
         if not shown:
             errors = logging.StreamHandler(sys.stderr)
             errors.setLevel(logging.ERROR)
             logger.addHandler(errors)
+            undo.append(lambda lg=logger, h=errors: lg.removeHandler(h))
+        undo.append(lambda lg=logger, p=logger.propagate: setattr(lg, "propagate", p))
         logger.propagate = False
+
+    def restore() -> None:
+        for step in reversed(undo):
+            step()
+
+    return restore
 
 
 def _mailbox_class():
@@ -133,8 +148,7 @@ class Terminal:
         self.bar_shown = False
         self.lock = threading.Lock()
         self.log_handler: logging.Handler | None = None
-        if not verbose:
-            silence_terminal()
+        self.restore_loggers = silence_terminal() if not verbose else None
         self.buffer: _Buffer | None = _Buffer()  # Ray's and MLflow's lines until the run's log file exists
         self.buffer.addFilter(_Once())
         for name in QUIET_LOGGERS:
@@ -188,6 +202,24 @@ class Terminal:
                     self.bar_shown = False
             self.stream.flush()
 
+    def close(self) -> None:
+        """The command is over: draw what is left, stop reading the mailbox, and give the loggers back."""
+        try:
+            self.flush()
+        except Exception:  # Ray already shut down: nothing more can arrive
+            pass
+        self.end_bar()
+        with self.lock:
+            self.mailbox = None  # the polling thread sees this and ends
+        handlers = [h for h in (self.log_handler, self.buffer) if h is not None]
+        for name in QUIET_LOGGERS:
+            for handler in handlers:
+                logging.getLogger(name).removeHandler(handler)
+        if self.log_handler is not None:
+            self.log_handler.close()
+        if self.restore_loggers is not None:
+            self.restore_loggers()
+
     def end_bar(self) -> None:
         """Clear a bar left drawn (the driver is about to print its own lines)."""
         with self.lock:
@@ -225,6 +257,14 @@ def own_terminal(verbose: bool) -> Terminal:
     global _terminal
     _terminal = Terminal(verbose)
     return _terminal
+
+
+def release_terminal() -> None:
+    """The command that owned the terminal is over (see `own_terminal`); later jobs print as before."""
+    global _terminal
+    if _terminal is not None:
+        _terminal.close()
+        _terminal = None
 
 
 def log_to_driver() -> bool:
