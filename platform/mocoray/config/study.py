@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .common import ConfigError, Section, build, parse_override, read_yaml
 from .detect import load_detect_config
@@ -63,6 +63,20 @@ class StudyConfig(Section):
     include_early_stopped: bool = Field(False, description="also evaluate trials the scheduler stopped early")
     downstream: StudyDownstreamResources = Field(default_factory=StudyDownstreamResources)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+
+    @field_validator("trials", mode="before")
+    @classmethod
+    def _trials_shape(cls, value: Any) -> Any:
+        # checked here, so a mistake gets one message instead of one per branch of the union
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(TrialSelection.model_fields))
+            if unknown:
+                raise ValueError(f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(TrialSelection.model_fields)}")
+            if "top" not in value:
+                raise ValueError("give top: N (the best N trials by the sweep metric), optionally random: M, seed: S")
+        elif value != "all" and not isinstance(value, TrialSelection):
+            raise ValueError(f"{value!r}: give all, or {{top: N, random: M, seed: S}}")
+        return value
 
     @model_validator(mode="after")
     def _some_evaluation(self) -> StudyConfig:

@@ -25,11 +25,13 @@ from typing import Any
 import yaml
 
 from ... import storage
+from ...checkpoints import newest_complete_checkpoint
 from ...config import ConfigError, dump_yaml, flatten, load_detect_config, load_linear_config
 from ...config.study import StudyConfig, TrialSelection, dump_study
 from ...config.sweep import resolve, trial_base
 from ...tracking.artifacts import command_argv, environment_record, record_job_start, set_command_line
 from ...tracking.client import (
+    CHECKPOINT_TAG,
     JOB_TAG,
     MLFLOW_PARENT_TAG,
     PRETRAIN_RUN_TAG,
@@ -131,7 +133,7 @@ class Downstream:
         return max(1, int(ray.cluster_resources().get("CPU", 0.0) // need))
 
     def offer(self, trial: dict[str, Any]) -> None:
-        """Queue the evaluations of `trial` (trial_id, trial_run_id, run_name) not offered before."""
+        """Queue the evaluations of `trial` (trial_id, trial_run_id, run_name, run_dir) not offered before."""
         for kind in self.study.kinds:
             if (trial["trial_id"], kind) not in self.offered:
                 self.offered.add((trial["trial_id"], kind))
@@ -169,6 +171,7 @@ class Downstream:
             self.records[key] = {"status": "finished", "run_id": done}
             self._save()
             return
+        safely("tagging the trial's checkpoint", _tag_final_checkpoint, self.uri, trial)
         spec = getattr(self.study, kind)
         number = int(trial["trial_id"].rsplit("_", 1)[-1])
         extra = [o for f in self.faults if f.kind == kind and f.trial_number == number for o in f.overrides]
@@ -228,6 +231,18 @@ def _finished_run(uri: str, trial_run_id: str, kind: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def _tag_final_checkpoint(uri: str, trial: dict[str, Any]) -> None:
+    """A trial that Tune stopped at its last epoch (ASHA at max_t) did not run its own epilogue, which tags
+    its run with its final checkpoint (what the downstream runs load): tag it with the newest complete
+    checkpoint in its folder, as the epilogue would have."""
+    c = client(uri)
+    if CHECKPOINT_TAG in c.get_run(trial["trial_run_id"]).data.tags:
+        return
+    newest = newest_complete_checkpoint(trial["run_dir"])
+    if newest:
+        c.set_tag(trial["trial_run_id"], CHECKPOINT_TAG, newest)
+
+
 _ACTIVE: dict[str, Downstream] = {}  # study folder -> its live scheduler
 
 
@@ -257,7 +272,8 @@ def _trial_callback(study_dir: str, uri: str, experiment: str, train_storage: st
             c = client(uri)
             run_id = find_run(c, experiment_id(c, experiment), f"{train_storage}/{name}")
             if run_id:
-                scheduler.offer({"trial_id": trial.trial_id, "trial_run_id": run_id, "run_name": name})
+                scheduler.offer({"trial_id": trial.trial_id, "trial_run_id": run_id, "run_name": name,
+                                 "run_dir": f"{train_storage}/{name}"})
 
         def on_step_end(self, iteration: int, trials: list, **info) -> None:
             from mocoray.jobs.study.driver import active_scheduler
@@ -360,7 +376,7 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
         c.set_tag(run_id, STUDY_SWEEP_TAG, sweep_run)
         for row in choose_trials(rows, study, sweep.metric, sweep.mode):
             scheduler.offer({"trial_id": row["trial_id"], "trial_run_id": row["mlflow_run_id"],
-                             "run_name": trial_run_name(sweep.name, row["trial_id"])})
+                             "run_name": trial_run_name(sweep.name, row["trial_id"]), "run_dir": row["run_dir"]})
         scheduler.wait()
     except KeyboardInterrupt:
         return _interrupted(uri, run_id, study_dir)
