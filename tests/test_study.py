@@ -107,6 +107,21 @@ def test_bad_sweep_inside_a_study_is_named_as_the_sweep_s_field(tmp_path, capsys
     assert "--set trails.top: unknown study field" in capsys.readouterr().err
 
 
+def test_resume_of_a_folder_without_a_study_says_what_to_pass(tmp_path, capsys):
+    assert main(["study", "--resume", str(tmp_path)]) == 1
+    assert "is not a study folder (no study.yaml)" in capsys.readouterr().err
+    assert main(["study", "--resume", str(tmp_path), "--set", "trials.top=1"]) == 2
+    assert "--resume continues the study saved in its folder; give no recipe or --set" in capsys.readouterr().err
+
+
+def test_a_study_that_exists_is_not_started_again(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, study_recipe(tmp_path, "twice"))
+    (tmp_path / "studies" / "twice").mkdir(parents=True)
+    (tmp_path / "studies" / "twice" / "study.yaml").write_text("name: twice\n")
+    assert main(["study", str(recipe)]) == 1
+    assert "study 'twice' already exists at" in capsys.readouterr().err
+
+
 def test_top_n_and_a_seeded_random_sample_of_the_others_are_chosen_from_completed_trials(tmp_path):
     study = load_study_config(write_recipe(tmp_path, study_recipe(
         tmp_path, "choose", trials={"top": 1, "random": 2, "seed": 3})))
