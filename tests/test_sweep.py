@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -140,6 +141,28 @@ def test_heatmap_of_the_first_two_grids_averages_over_a_third_one(tmp_path):
     names = sorted(p.name for p in make_plots(rows, sweep, tmp_path))
     assert "heatmap_data.flip_p_moco.head_bn.png" in names and len(names) == 4
     assert heatmap_cells(rows, build(SweepConfig, {"space": {"run.seed": {"grid": [0, 1]}}})) is None
+
+
+def test_heatmap_averages_only_trials_that_ran_to_the_end(tmp_path):
+    """An ASHA-stopped trial's metric is from fewer epochs: averaged with completed trials it would drag
+    their cell down (or, with a loss, up) on one colour scale. It is left out; a cell of only stopped trials
+    stays empty."""
+    from mocoray.jobs.sweep.report import heatmap_cells, make_plots
+
+    sweep = build(SweepConfig, {"base": {"optim": {"epochs": 4}}, "space": {
+        "moco.queue_size": {"grid": [16, 64]}, "moco.momentum": {"grid": [0.9, 0.99]}}})
+    rows = [
+        {"moco.queue_size": 16, "moco.momentum": 0.9, "status": "completed", "best_knn_top1": 0.8},
+        {"moco.queue_size": 16, "moco.momentum": 0.9, "status": "early_stopped", "best_knn_top1": 0.2},
+        {"moco.queue_size": 64, "moco.momentum": 0.9, "status": "completed", "best_knn_top1": 0.6},
+        {"moco.queue_size": 64, "moco.momentum": 0.9, "status": "completed", "best_knn_top1": 0.7},
+        {"moco.queue_size": 16, "moco.momentum": 0.99, "status": "early_stopped", "best_knn_top1": 0.3},
+        {"moco.queue_size": 64, "moco.momentum": 0.99, "status": "error", "best_knn_top1": None},
+    ]
+    _, _, _, _, cells = heatmap_cells(rows, sweep)
+    assert cells[0].tolist() == pytest.approx([0.8, 0.65])  # momentum 0.9: the stopped 0.2 is not in the mean
+    assert np.isnan(cells[1]).all()  # momentum 0.99: nothing ran to the end
+    assert "heatmap_moco.queue_size_moco.momentum.png" in {p.name for p in make_plots(rows, sweep, tmp_path)}
 
 
 def test_shipped_sweep_recipes_validate():

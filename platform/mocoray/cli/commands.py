@@ -170,6 +170,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from ..tracking.compare import CompareError, compare_table, render, save_plot
 
+    if args.study:
+        return _compare_study(args)
     try:
         table = compare_table(args.tracking_uri, experiment=args.experiment, filter_string=args.filter,
                               sort=args.sort, ascending=args.ascending)
@@ -216,6 +218,55 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.then_linear_eval:
         linear_eval_best(res, sweep, args.then_linear_eval, args.linear_recipe, args.linear_overrides, args.address)
     return 0 if res.best is not None else 1
+
+
+def _compare_study(args: argparse.Namespace) -> int:
+    """`compare --study RUN_ID`: the study's transfer table, from the tracking server alone."""
+    from ..table import render_table
+    from ..tracking.client import resolve_tracking_uri
+    from ..tracking.compare import CompareError, open_store
+    from ..tracking.transfer import transfer_rows
+
+    try:
+        uri = resolve_tracking_uri(args.tracking_uri)
+        open_store(uri)
+        rows, columns = transfer_rows(uri, args.study)
+    except (CompareError, LookupError) as err:
+        print(f"mocoray compare: {err}", file=sys.stderr)
+        return 2
+    fmt = "csv" if args.csv else "markdown" if args.markdown else "plain"
+    if fmt == "plain":  # errors and run ids are long; the CSV has them
+        columns = [c for c in columns if not c.endswith(("_error", "_run_id"))]
+    print(render_table(rows, columns, fmt, cell=lambda _c, v: f"{v:.4f}" if isinstance(v, float) else str(v)), end="")
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from ..config.study import dump_study, load_study_config
+    from ..jobs.study import StudyFailed, load_study_dir, run_study
+
+    try:
+        if args.resume:
+            if args.recipe or args.overrides:
+                raise ConfigError("--resume continues the study saved in its folder; give no recipe or --set")
+            study = load_study_dir(args.resume)
+        elif args.recipe:
+            study = load_study_config(args.recipe, args.overrides)
+        else:
+            raise ConfigError("give a study recipe (experiments/study_*.yaml) or --resume <study folder>")
+        if args.print_config:
+            print(dump_study(study), end="")
+            return 0
+        res = run_study(study, address=args.address, resume=bool(args.resume))
+    except StudyFailed as err:
+        print(f"mocoray study: {err}", file=sys.stderr)
+        return 1
+    if res.interrupted:
+        return 130
+    print(f"study folder: {res.study_dir}\nMLflow study run: {res.run_id} at {res.tracking_uri}")
+    for kind, path in res.best_configs.items():
+        print(f"best by {kind}: {path}")
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -18,11 +18,13 @@ from .commands import (
     _cmd_make_parquet,
     _cmd_pretrain,
     _cmd_register,
+    _cmd_study,
     _cmd_submit,
     _cmd_sweep,
 )
 
-DESCRIPTION = "The `mocoray` command: pretrain, linear-eval, detect, compare, sweep, export, register, submit, make-parquet."
+DESCRIPTION = ("The `mocoray` command: pretrain, linear-eval, detect, compare, sweep, study, export, register, submit, "
+               "make-parquet.")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--y", default="linear_top1", help="metric on the y axis (default: linear_top1)")
     p.add_argument("--lines", default="momentum", help="param with one line per value (default: momentum)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument("--study", default=None, metavar="RUN_ID",
+                   help="instead: the transfer table of a study (its MLflow run id), one row per trial")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep of pretraining runs over K, m, tau (any config field)")
@@ -116,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear-set", dest="linear_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override for those linear evaluations, e.g. --linear-set optim.epochs=10")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("study", help="a sweep, then linear / detection runs on its trials, and which K, m, tau "
+                                     "transfer best (analysis on the study's MLflow run)")
+    p.add_argument("recipe", nargs="?", help="study recipe (experiments/study_*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="study field (trials.top=2) or, prefixed with sweep., a sweep or base-recipe field "
+                        "(sweep.num_samples=2, sweep.optim.epochs=3); repeatable")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--resume", default=None, metavar="STUDY_DIR",
+                   help="continue the interrupted study in <storage_path>/<name> (finished runs are kept)")
+    p.add_argument("--print-config", action="store_true", help="print the validated study config and exit")
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("export", help="write a checkpoint's query backbone as a plain torchvision state_dict "
                                       "(or in detectron2's layout)")

@@ -180,15 +180,19 @@ def run_sweep(
     address: str | None = None,
     resume: bool = False,
     retry_errored: bool = False,
+    callbacks: list | None = None,
+    parent_tags: dict[str, str] | None = None,
 ) -> SweepResult:
     """Run (or with `resume`, continue) a sweep; every check of the space happens before any trial.
 
     A `base` given as a path is read relative to the working directory. On resume, finished
     trials are kept as they are, unfinished ones continue their own Ray Train runs, errored ones are
-    retried only with `retry_errored`.
+    retried only with `retry_errored`. `callbacks` are more Tune callbacks (a study's, which starts each
+    trial's downstream runs); `parent_tags` go on the sweep's MLflow run (a study nests it under its own).
     """
     from ray import tune
 
+    callbacks_given = list(callbacks or [])
     sweep = with_absolute_paths(resolve(sweep))  # resolve validates base, resources, scheduler and the space
     base = trial_base(sweep)
     sweep_dir = storage.join(sweep.storage_path, sweep.name)
@@ -216,7 +220,8 @@ def run_sweep(
         uri = base.tracking.tracking_uri
         parent_id = safely("start of the sweep run", start_run, uri, base.tracking.experiment, sweep.name,
                            _parent_params(sweep, max_concurrent),
-                           {JOB_TAG: "sweep", "mocoray.sweep_dir": sweep_dir}, run_key=sweep_dir)
+                           {JOB_TAG: "sweep", "mocoray.sweep_dir": sweep_dir, **(parent_tags or {})},
+                           run_key=sweep_dir)
         if not resume:
             record_job_start(uri, parent_id, dump_sweep(sweep), lambda: dataset_records(base.data, pretraining=True),
                              environment_record())
@@ -235,6 +240,7 @@ def run_sweep(
     else:
         callbacks = [_early_stop_marker(uri, base.tracking.experiment, train_storage, sweep.name,
                                         base.optim.epochs)] if uri else []
+        callbacks += callbacks_given
         tuner = tune.Tuner(
             trainable,
             param_space=tune_space(sweep),

@@ -92,22 +92,25 @@ def _log_axis(sweep: SweepConfig, key: str, values: list[Any]) -> bool:
     return bool(positive and max(values) / min(values) >= 20)
 
 
-def heatmap_cells(scored: list[dict[str, Any]], sweep: SweepConfig):
-    """(a, b, a's values, b's values, mean best metric per (b, a) cell) over the space's first two grid fields,
-    or None with fewer than two. Trials differing in other fields (a third grid such as run.seed, or drawn
-    values) share a cell: the mean is what a K x tau picture over several seeds should show."""
+def heatmap_cells(rows: list[dict[str, Any]], sweep: SweepConfig, col: str | None = None):
+    """(a, b, a's values, b's values, mean of `col` (default: the best metric) per (b, a) cell) over the
+    space's first two grid fields, or None with fewer than two. Only trials that ran to the end count: a
+    trial the scheduler stopped after one epoch is not comparable with one that ran them all (its cell stays
+    empty when no trial there completed). Trials differing in other fields (a third grid such as run.seed,
+    or drawn values) share a cell: the mean is what a K x tau picture over several seeds should show."""
     import numpy as np
 
     grids = [k for k, spec in sweep.space.items() if spec.kind == "grid"]
     if len(grids) < 2:
         return None
     a, b = grids[:2]
-    col = f"best_{sweep.metric}"
+    col = col or f"best_{sweep.metric}"
+    done = [r for r in rows if r["status"] == "completed" and r.get(col) is not None and r[col] == r[col]]
     xs, ys = sweep.space[a].values, sweep.space[b].values
     cells = np.full((len(ys), len(xs)), np.nan)
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
-            hits = [r[col] for r in scored if r[a] == x and r[b] == y]
+            hits = [r[col] for r in done if r[a] == x and r[b] == y]
             if hits:
                 cells[i, j] = float(np.mean(hits))
     return a, b, xs, ys, cells
@@ -165,12 +168,15 @@ def make_plots(rows: list[dict[str, Any]], sweep: SweepConfig, out_dir: Path) ->
         ax.set_yticks(range(len(ys)), [str(y) for y in ys])
         for i in range(len(ys)):
             for j in range(len(xs)):
-                if not np.isnan(cells[i, j]):
-                    ax.text(j, i, f"{cells[i, j]:.3f}", ha="center", va="center", color="w", fontsize="small")
+                ax.text(j, i, "-" if np.isnan(cells[i, j]) else f"{cells[i, j]:.3f}", ha="center", va="center",
+                        color="w", fontsize="small")
         ax.set_xlabel(a)
         ax.set_ylabel(b)
         others = [k for k in sweep.space if k not in (a, b)]
-        ax.set_title(f"mean {col}" + (f"\nover {', '.join(others)}" if others else ""), fontsize="medium")
+        left_out = sum(r["status"] != "completed" for r in scored)
+        ax.set_title(f"mean {col}" + (f" over {', '.join(others)}" if others else "")
+                     + (f"\ntrials that ran to the end ({left_out} stopped early left out)" if left_out else ""),
+                     fontsize="medium")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         path = out_dir / f"heatmap_{a}_{b}.png"
