@@ -19,6 +19,7 @@ from .commands import (
     _cmd_register,
     _cmd_submit,
     _cmd_sweep,
+    _cmd_ui,
 )
 
 DESCRIPTION = "The `mocoray` command: pretrain, linear-eval, detect, compare, sweep, export, register, submit, make-parquet."
@@ -107,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear-set", dest="linear_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override for those linear evaluations, e.g. --linear-set optim.epochs=10")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("ui", help="serve the MLflow UI for the runs' store and print the address of an "
+                                  "experiment's runs table")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument("--experiment", default=None,
+                   help="experiment to open (default: the one with the newest run)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="port to listen on (default: 5000)")
+    p.set_defaults(func=_cmd_ui)
 
     p = sub.add_parser("export", help="write a checkpoint's query backbone as a plain torchvision state_dict "
                                       "(or in detectron2's layout)")

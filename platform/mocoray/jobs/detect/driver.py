@@ -76,7 +76,6 @@ def check_data(data: DetectDataConfig) -> None:
 
 def _open_mlflow_run(cfg: DetectConfig, encoder: EncoderSource, run_dir: str, uri: str) -> str:
     return open_downstream_run(uri, cfg, encoder, run_dir, "detection",
-                               f"Detection transfer ({cfg.model.layout}, {cfg.data.name})",
                                params={"model.norm_effective": cfg.model.effective_norm(cfg.run)})
 
 
@@ -120,7 +119,7 @@ def _fit(job: runtime.JobRun, cfg: DetectConfig, encoder: EncoderSource, faults:
                 f"checkpoint is kept: {checkpoint or 'none was written yet'}. "
                 "Lower optim.lr, raise optim.warmup, set optim.clip_grad_norm, or check the data.", out)
         raise DetectionFailed(f"detection run {cfg.run.name!r} ended with status {status['status']!r}", out)
-    link_back(job, encoder, DETECTION_RUN_TAG)
+    link_back(job, encoder, DETECTION_RUN_TAG, "detection", out.metrics)
     job.end_tracking("FINISHED", tags)
     if job.mlflow_run_id and encoder.pretrain_run_id:  # registered versions of the encoder show the new AP
         safely("tagging registered versions", tag_versions_with_results, job.tracking_uri, encoder.pretrain_run_id)
