@@ -77,6 +77,15 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _cell(_column: str, value: Any) -> str:
+    """A ranking-table cell: numbers (params arrive as text) to 4 significant digits, the rest as it is."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return str(value) if isinstance(value, str) and number.is_integer() else f"{number:.4g}"
+
+
 def _ids(runs: list) -> str:
     return ", ".join(f"`{r.info.run_id}` ({r.info.run_name})" for r in runs)
 
@@ -85,18 +94,20 @@ def _pretrain_note(c, run) -> list[str]:
     p, m, tags = run.data.params, run.data.metrics, run.data.tags
     lines = [f"**MoCo {p.get('moco.version', '')} pretraining** of `{p.get('model.arch')}` on "
              f"{p.get('data.name')}: K={p.get('moco.queue_size')}, m={p.get('moco.momentum')}, "
-             f"tau={p.get('moco.temperature')}, {p.get('optim.epochs')} epochs."]
-    if "knn_top1" in m:
-        margin = f", margin {m['knn_margin']:+.4f}" if "knn_margin" in m else ""
-        init = f" (random init {_fmt(m['knn_top1_init'])}{margin})" if "knn_top1_init" in m else ""
-        lines.append(f"kNN top-1 **{_fmt(m['knn_top1'])}**{init} at epoch {int(m.get('epoch', 0))}.")
-    if "logreg_top1" in m:
-        margin = f", margin {m['logreg_margin']:+.4f}" if "logreg_margin" in m else ""
-        lines.append(f"Logistic-regression top-1 **{_fmt(m['logreg_top1'])}** "
-                     f"(random init {_fmt(m.get('logreg_top1_init'))}{margin}).")
+             f"tau={_cell('', p.get('moco.temperature'))}, {p.get('optim.epochs')} epochs."]
+    for key, label in (("knn", "kNN"), ("logreg", "Logistic-regression")):
+        history = c.get_metric_history(run.info.run_id, f"{key}_top1") if f"{key}_top1" in m else []
+        epoch = max((h.step for h in history), default=0)
+        if epoch > 0:  # step 0 is the random-init encoder: nothing measured after training yet
+            margin = f", margin {m[f'{key}_margin']:+.4f}" if f"{key}_margin" in m else ""
+            init = f" (random init {_fmt(m[f'{key}_top1_init'])}{margin})" if f"{key}_top1_init" in m else ""
+            lines.append(f"{label} top-1 **{_fmt(m[f'{key}_top1'])}**{init} at epoch {epoch}.")
     transfer = {k[len(TRANSFER_PREFIX):]: v for k, v in m.items() if k.startswith(TRANSFER_PREFIX)}
     if transfer:
         lines.append("Transfer: " + ", ".join(f"{k} **{_fmt(v)}**" for k, v in sorted(transfer.items())) + ".")
+    if tags.get(STATUS_TAG) == "early_stopped":
+        lines.append(f"Stopped early by the sweep's scheduler after {tags.get('mocoray.epochs_run')} of "
+                     f"{tags.get('mocoray.epochs_planned')} epochs.")
     if tags.get(SWEEP_RUN_TAG):
         lines.append(f"Trial `{tags.get(TRIAL_TAG)}` of sweep run `{tags[SWEEP_RUN_TAG]}`.")
     for job, label in (("linear", "Linear evaluations"), ("detection", "Detection transfers")):
@@ -116,7 +127,7 @@ def _downstream_note(run) -> list[str]:
     lines = [f"{what} {source}, checkpoint `{tags.get('mocoray.checkpoint')}`."]
     if job == "linear" and "linear_top1" in m:
         top1, top5 = m.get("linear_top1_final", m["linear_top1"]), m.get("linear_top5_final", m.get("linear_top5"))
-        lines.append(f"Linear top-1 **{_fmt(top1)}**, top-5 {_fmt(top5)} after {int(m.get('epoch', 0))} epochs.")
+        lines.append(f"Linear top-1 **{_fmt(top1)}**, top-5 {_fmt(top5)} after {p.get('optim.epochs')} epochs.")
     if job == "detection" and "AP" in m:
         lines.append(f"AP **{_fmt(m['AP'])}**, AP50 {_fmt(m.get('AP50'))}, AP75 {_fmt(m.get('AP75'))}.")
     return lines
@@ -157,7 +168,7 @@ def _sweep_note(c, run) -> list[str]:
         best = run.data.tags.get("mocoray.best_run_id")
         if best:
             lines.append(f"Best trial: `{run.data.tags.get('mocoray.best_trial_id')}`, run `{best}`.")
-        lines.append("\n" + render_table(rows, columns, "markdown", cell=lambda _c, v: _fmt(v), missing="-"))
+        lines.append(render_table(rows, columns, "markdown", cell=_cell, missing="-"))
     return lines
 
 
