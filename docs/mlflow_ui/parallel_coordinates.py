@@ -59,10 +59,12 @@ def screenshot(url: str, sweep: str, metric: str, out: str) -> None:
         for field, names in (("Params", PARAMS), ("Metrics", (metric,))):
             dialog.locator("[data-testid=experiment-view-compare-runs-config-field]", has_text=field) \
                 .locator(".du-bois-light-select-selector").click()
-            for name in names:
-                page.locator(".du-bois-light-select-item-option", has_text=name).last.click()
+            for name in names:  # typed: a long list of metrics is drawn only in part
+                page.keyboard.type(name)
+                page.locator(f".du-bois-light-select-item-option[title='{name}']").last.click()
             dialog.locator("h2").click()  # closes the drop-down
         dialog.get_by_role("button", name="Add chart").click()
+        page.get_by_placeholder("Search metric charts").fill(metric)  # the new chart is last of many
         card = page.locator("[data-testid=experiment-view-compare-runs-card]", has_text="Parallel")
         card.locator("button[data-component-id=fullscreen_button_chartcard]").click()
         time.sleep(3)  # the chart animates in
@@ -77,13 +79,17 @@ def main() -> int:
     parser.add_argument("--sweep", default="digits-tiny", help="the sweep's name (its parent run's name)")
     parser.add_argument("--metric", default="transfer.linear_top1")
     parser.add_argument("--out", default="docs/mlflow_ui/parallel_coordinates.png")
+    parser.add_argument("--url", default=None, help="the address a running `mocoray ui` printed (else one is started)")
     args = parser.parse_args()
-    proc, url = start_ui(args.tracking_uri, args.experiment)
-    try:
-        screenshot(url, args.sweep, args.metric, args.out)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+    if args.url:
+        screenshot(args.url, args.sweep, args.metric, args.out)
+    else:
+        proc, url = start_ui(args.tracking_uri, args.experiment)
+        try:
+            screenshot(url, args.sweep, args.metric, args.out)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
     print(f"wrote {args.out}")
     return 0
 
