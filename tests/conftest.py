@@ -191,3 +191,50 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_sweep_overrides(tmp_path: Path, name: str, **extra: str) -> list[str]:
+    """The tiny digits sweep made faster still: 256 images, 3 epochs, results under tmp_path."""
+    items = {
+        "name": name,
+        "storage_path": str(tmp_path / "sweeps"),
+        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.experiment": "sweep-tests",
+        "data.max_images": "256",
+        "knn.max_bank": "256",
+        "optim.batch_size": "32",
+        "optim.epochs": "3",
+        "run.storage_path": str(tmp_path / "runs"),
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture(scope="session")
+def k_m_tau_sweep(ray_session, tmp_path_factory):
+    """One real sweep over K, m, tau on CPU (4 trials, ASHA), then the linear evaluation of its best trial, as
+    `mocoray sweep experiments/sweep_digits_tiny.yaml --then-linear-eval 1 --linear-recipe
+    experiments/linear_digits.yaml` runs them; shared by the sweep's tests and the MLflow UI's.
+
+    Ranked by the InfoNCE loss, which grows with log K: the two K=512 trials start after the K=16 ones
+    have recorded epoch 1 and always fall below ASHA's cutoff there (a tau range this narrow cannot make
+    up the gap), so at least two trials are stopped early, whatever the timing."""
+    from mocoray.config import load_sweep_config
+    from mocoray.jobs.linear.driver import linear_eval_best
+    from mocoray.jobs.sweep import run_sweep
+    from mocoray.tracking.describe import set_recipes
+
+    tmp = tmp_path_factory.mktemp("k-m-tau")
+    tiny, linear_recipe = EXPERIMENTS / "sweep_digits_tiny.yaml", EXPERIMENTS / "linear_digits.yaml"
+    sweep = load_sweep_config(tiny, tiny_sweep_overrides(tmp, "k-m-tau", metric="loss", mode="min", **{
+        "space.moco.queue_size": "{grid: [16, 512]}",
+        "space.moco.temperature": "{loguniform: [0.15, 0.25]}",
+    }))
+    set_recipes(sweep=str(tiny), linear=str(linear_recipe))  # what `mocoray sweep` records
+    try:
+        res = run_sweep(sweep)
+        linear = linear_eval_best(res, sweep, 1, str(linear_recipe), [
+            "optim.epochs=1", "data.max_images=256", f"run.storage_path={tmp / 'runs'}"])
+    finally:
+        set_recipes()
+    return {"res": res, "sweep": sweep, "linear": linear, "tmp": tmp}

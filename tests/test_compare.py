@@ -75,6 +75,23 @@ def test_join_takes_the_newest_finished_downstream_run_of_each_pretraining_run(l
     assert p3["linear_top1"] is None and p3["knn_top1"] == 0.4
 
 
+def test_transfer_metrics_on_pretraining_runs_leave_the_table_to_the_downstream_runs(local_store):
+    """`transfer.*` copies on a pretraining run are for the MLflow UI: the table still reads the newest
+    finished downstream runs (here the copies disagree with them: a failed run's value, an AP never measured),
+    and shows no extra columns."""
+    from mocoray.tracking.describe import log_transfer
+
+    s = local_store
+    before = compare_table(s["uri"], experiment="sweep-a")
+    log_transfer(s["uri"], s["p1"], "linear", {"linear_top1": 0.95, "linear_top5": 0.99})
+    log_transfer(s["uri"], s["p3"], "detection", {"AP": 1.0, "AP50": 2.0, "AP75": 3.0})
+    after = compare_table(s["uri"], experiment="sweep-a")
+    assert after.columns == before.columns and not any(c.startswith("transfer") for c in after.columns)
+    assert after.rows == before.rows
+    rows = {r["run_id"]: r for r in after.rows}
+    assert (rows[s["p1"]]["linear_top1"], rows[s["p3"]]["AP"]) == (0.6, None)
+
+
 def test_sort_filter_and_formats(local_store):
     s = local_store
     by_linear = compare_table(s["uri"], "sweep-a", sort="linear_top1")

@@ -295,7 +295,14 @@ def test_digits_detection_from_pretraining_beats_untrained_is_linked_both_ways_a
     assert tags["mocoray.checkpoint"] == pre.checkpoint
     assert tags["mocoray.norm_effective"] == "bn" and tags["mocoray.world_size"] == "2"
     assert tags["mocoray.detector_checkpoint"].endswith("step_0000080")
-    assert c.get_run(pre.mlflow_run_id).data.tags["mocoray.detection_run_id"] == run.info.run_id
+    pretrain_run = c.get_run(pre.mlflow_run_id)
+    assert pretrain_run.data.tags["mocoray.detection_run_id"] == run.info.run_id
+    # the headline results copied onto the pretraining run for the MLflow UI, and the Source of each run
+    assert {k: pretrain_run.data.metrics[f"transfer.{k}"] for k in ("AP", "AP50", "AP75")} == {
+        k: metrics[k] for k in ("AP", "AP50", "AP75")}
+    assert tags["mlflow.source.name"] == f"mocoray detect {DIGITS_DETECT.name}"
+    assert f"AP **{metrics['AP']:.4f}**" in tags["mlflow.note.content"]
+    assert run.info.run_id in pretrain_run.data.tags["mlflow.note.content"]
     assert run.data.params["encoder.arch"] == "small_resnet" and run.data.params["model.layout"] == "fpn"
     assert metrics["annotations.train.images"] == 320 and metrics["annotations.val.images"] == 80
     ap50 = c.get_metric_history(run.info.run_id, "AP50")
@@ -428,6 +435,7 @@ def test_pretrain_then_detect_on_a_voc_folder_with_the_paper_recipe_shrunk(digit
     assert run.info.status == "FINISHED" and run.data.tags["mocoray.job"] == "detection"
     assert run.data.tags["mocoray.pretrain_run_id"] == pre.mlflow_run_id
     assert digits_pretrain["detection_link"] == run.info.run_id  # the pretraining run's link, then
+    assert run.data.tags["mlflow.source.name"] == f"mocoray detect {VOC_DETECT.name}"  # chained: its own recipe
     m = run.data.metrics
     assert {"VOC07_AP50", "VOC07_AP", "VOC07_AP75", "AP", "AP50", "AP75"} <= set(m)
     # training: 4 listed images, one without its annotation file, one left empty without its difficult dog

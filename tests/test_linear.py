@@ -213,7 +213,16 @@ def test_linear_eval_of_pretrained_encoder_beats_random_init_and_is_linked_to_it
     assert tags["mocoray.checkpoint"] == pre.checkpoint
     assert linear_run.data.params["encoder.arch"] == "small_resnet"
     assert linear_run.info.status == "FINISHED"
-    assert c.get_run(pre.mlflow_run_id).data.tags["mocoray.linear_run_id"] == linear_run.info.run_id
+    pretrain_run = c.get_run(pre.mlflow_run_id)
+    assert pretrain_run.data.tags["mocoray.linear_run_id"] == linear_run.info.run_id
+    # for the MLflow UI: the Source, the result on the pretraining run (transfer.*), descriptions that link
+    assert tags["mlflow.source.name"] == f"mocoray linear-eval {DIGITS_LINEAR.name}"
+    assert pretrain_run.data.metrics["transfer.linear_top1"] == metrics["linear_top1_final"]
+    assert pretrain_run.data.metrics["transfer.linear_top5"] == metrics["linear_top5_final"]
+    assert f"pretraining run `{pre.mlflow_run_id}`" in tags["mlflow.note.content"]
+    assert f"Linear top-1 **{metrics['linear_top1_final']:.4f}**" in tags["mlflow.note.content"]
+    assert linear_run.info.run_id in pretrain_run.data.tags["mlflow.note.content"]
+    assert "kNN top-1 **" in pretrain_run.data.tags["mlflow.note.content"]
     history = c.get_metric_history(linear_run.info.run_id, "linear_top1")
     assert [m.step for m in history] == list(range(1, 11))  # one value per epoch
     assert metrics["linear_top1_final"] == history[-1].value

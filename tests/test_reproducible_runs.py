@@ -56,7 +56,7 @@ def test_pretraining_run_holds_its_recipe_command_environment_data_and_encoder(s
 
     command = _download(uri, run_id, "command.txt", tmp_path).read_text()
     assert "mocoray pretrain --set=model.arch=small_resnet" in command
-    assert run.data.tags["mlflow.source.name"].startswith("mocoray pretrain --set=")
+    assert run.data.tags["mlflow.source.name"] == "mocoray pretrain digits_moco_v2.yaml"  # job + (default) recipe
     env = json.loads(_download(uri, run_id, "environment.json", tmp_path).read_text())
     assert env["versions"]["torch"] == torch.__version__ and env["versions"]["mlflow"] == mlflow.__version__
     assert env["world_size"] == 1 and env["device"] == "cpu"

@@ -24,7 +24,7 @@ from mocoray.config import load_config
 from mocoray.config.study import load_study_config
 from mocoray.jobs.study import DownstreamFault, load_study_dir, run_study
 from mocoray.jobs.study.analysis import rank_configs, spearman, summary_markdown, within_seed_noise
-from mocoray.jobs.study.driver import STATE_FILE, choose_trials
+from mocoray.jobs.study.downstream import STATE_FILE, choose_trials
 from mocoray.tracking.client import JOB_TAG, MLFLOW_PARENT_TAG, PRETRAIN_RUN_TAG, SWEEP_RUN_TAG
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXPERIMENTS, REPO
+from conftest import EXPERIMENTS, REPO, tiny_sweep_overrides
 from mocoray.cli import main
 from mocoray.config import ConfigError, SweepConfig, build, load_config, load_sweep_config
 from mocoray.config.sweep import trial_base
-from mocoray.jobs.linear.driver import linear_eval_best
 from mocoray.jobs.sweep import run_sweep, trial_run_name, tune_space
 from mocoray.tracking.client import JOB_TAG, STATUS_TAG, SWEEP_RUN_TAG
 
@@ -27,21 +26,7 @@ TINY = EXPERIMENTS / "sweep_digits_tiny.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def tiny_overrides(tmp_path: Path, name: str, **extra: str) -> list[str]:
-    """The tiny digits sweep made faster still: 256 images, 3 epochs, results under tmp_path."""
-    items = {
-        "name": name,
-        "storage_path": str(tmp_path / "sweeps"),
-        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "tracking.experiment": "sweep-tests",
-        "data.max_images": "256",
-        "knn.max_bank": "256",
-        "optim.batch_size": "32",
-        "optim.epochs": "3",
-        "run.storage_path": str(tmp_path / "runs"),
-    }
-    items.update(extra)
-    return [f"{k}={v}" for k, v in items.items()]
+tiny_overrides = tiny_sweep_overrides
 
 
 def children_of(uri: str, experiment: str, parent_id: str) -> list:
@@ -185,19 +170,9 @@ def test_shipped_sweep_recipes_validate():
 # A real sweep on CPU
 
 
-def test_cpu_sweep_over_k_m_tau_tracks_every_trial_stops_some_early_and_returns_the_best_config(
-    ray_session, tmp_path
-):
-    # Ranked by the InfoNCE loss, which grows with log K: the two K=512 trials start after the K=16
-    # ones have recorded epoch 1 and always fall below ASHA's cutoff there (a tau range this narrow
-    # cannot make up the gap), so at least two trials are stopped early, whatever the timing.
-    overrides = tiny_overrides(tmp_path, "k-m-tau", metric="loss", mode="min", **{
-        "space.moco.queue_size": "{grid: [16, 512]}",
-        "space.moco.temperature": "{loguniform: [0.15, 0.25]}",
-    })
-    sweep = load_sweep_config(TINY, overrides)
+def test_cpu_sweep_over_k_m_tau_tracks_every_trial_stops_some_early_and_returns_the_best_config(k_m_tau_sweep):
+    res, sweep, tmp_path = k_m_tau_sweep["res"], k_m_tau_sweep["sweep"], k_m_tau_sweep["tmp"]
     assert sweep.max_concurrent_trials == 2 and sweep.scheduler.type == "asha"
-    res = run_sweep(sweep)
 
     rows = {r["trial_id"]: r for r in res.trials}
     assert len(rows) == 4
@@ -214,6 +189,7 @@ def test_cpu_sweep_over_k_m_tau_tracks_every_trial_stops_some_early_and_returns_
     parent = c.get_run(res.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[JOB_TAG] == "sweep"
+    assert parent.data.tags["mlflow.source.name"] == "mocoray sweep sweep_digits_tiny.yaml"
     assert parent.data.params["space.moco.queue_size"] == "grid[16, 512]"
     assert parent.data.params["space.moco.temperature"] == "loguniform[0.15, 0.25]"
     assert parent.data.params["scheduler.type"] == "asha"
@@ -232,7 +208,8 @@ def test_cpu_sweep_over_k_m_tau_tracks_every_trial_stops_some_early_and_returns_
         row = rows[tags["mocoray.trial_id"]]
         assert tags[JOB_TAG] == "pretrain"
         assert tags["mlflow.parentRunId"] == res.parent_run_id
-        assert tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]  # the sweep's command line
+        # the runs table's Source: the job and its recipe, slash-free (the UI shows the last path segment)
+        assert tags["mlflow.source.name"] == f"mocoray sweep sweep_digits_tiny.yaml trial {row['trial_id']}"
         assert child.info.run_name == trial_run_name("k-m-tau", row["trial_id"])
         assert params["moco.queue_size"] == str(row["moco.queue_size"])
         assert params["moco.momentum"] == str(row["moco.momentum"])
@@ -267,12 +244,26 @@ def test_cpu_sweep_over_k_m_tau_tracks_every_trial_stops_some_early_and_returns_
     assert (Path(res.sweep_dir) / "trials.csv").read_text().count("\n") == 5
 
     # --then-linear-eval 1: the best trial's backbone evaluated, the linear run linked to the trial's run
-    linear = linear_eval_best(res, sweep, 1, str(EXPERIMENTS / "linear_digits.yaml"), [
-        "optim.epochs=1", "data.max_images=256", f"run.storage_path={tmp_path / 'runs'}"])
+    linear = k_m_tau_sweep["linear"]
     assert [(r["trial_id"], r["status"]) for r in linear] == [(res.best["trial_id"], "completed")]
     linear_run = c.get_run(linear[0]["mlflow_run_id"])
     assert linear_run.data.tags["mocoray.pretrain_run_id"] == res.best["mlflow_run_id"]
     assert 0.0 <= linear_run.data.metrics["linear_top1"] <= 1.0
+    assert linear_run.data.tags["mlflow.source.name"] == "mocoray linear-eval linear_digits.yaml"
+
+    # the linear results on the trial (transfer.*), and descriptions that name the runs they link
+    trial = c.get_run(res.best["mlflow_run_id"])
+    assert trial.data.metrics["transfer.linear_top1"] == linear_run.data.metrics["linear_top1_final"]
+    assert trial.data.metrics["transfer.linear_top5"] == linear_run.data.metrics["linear_top5_final"]
+    assert linear[0]["mlflow_run_id"] in trial.data.tags["mlflow.note.content"]
+    assert f"sweep run `{res.parent_run_id}`" in trial.data.tags["mlflow.note.content"]
+    assert f"pretraining run `{res.best['mlflow_run_id']}`" in linear_run.data.tags["mlflow.note.content"]
+    assert "Linear top-1 **" in linear_run.data.tags["mlflow.note.content"]
+    note = c.get_run(res.parent_run_id).data.tags["mlflow.note.content"]
+    table = [line for line in note.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| trial | moco.momentum | moco.queue_size | moco.temperature | best loss |")
+    assert "transfer.linear_top1" in table[0]
+    assert len(table) == 2 + 4 and table[2].startswith(f"| {res.best['trial_id']} |")  # best first
 
 
 def test_a_trial_run_ended_killed_by_the_sweep_keeps_that_status_when_its_own_process_fails_later(tmp_path):

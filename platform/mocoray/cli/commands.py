@@ -11,6 +11,7 @@ import shlex
 import sys
 
 from ..config import ConfigError
+from ..tracking.describe import set_recipes
 
 
 def _own_terminal(args: argparse.Namespace) -> None:
@@ -28,6 +29,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe or DEFAULT_RECIPE, args.overrides)
     if args.print_config:
         return _print_config(cfg)
+    set_recipes(pretrain=args.recipe or DEFAULT_RECIPE, linear=args.then_linear_eval, detection=args.then_detect)
     _own_terminal(args)
     try:
         res = run_pretrain(cfg, address=args.address, resume=args.resume, resume_from=args.resume_from)
@@ -138,6 +140,7 @@ def _cmd_linear_eval(args: argparse.Namespace) -> int:
     cfg = load_linear_config(args.recipe, args.overrides, _encoder_flags(args))
     if args.print_config:
         return _print_config(cfg)
+    set_recipes(linear=args.recipe)
     _own_terminal(args)
     return _linear_eval(cfg, args.address, args.resume)
 
@@ -159,6 +162,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from ..config.detect import DEFAULT_RECIPE
 
     cfg = load_detect_config(args.recipe or DEFAULT_RECIPE, args.overrides, _encoder_flags(args))
+    set_recipes(detection=args.recipe or DEFAULT_RECIPE)
     if args.print_config:
         print(f"# model.norm {cfg.model.norm} resolves to {cfg.model.effective_norm(cfg.run)} "
               f"(run.use_gpu={cfg.run.use_gpu}, run.num_workers={cfg.run.num_workers})")
@@ -206,6 +210,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         if args.print_config:
             print(dump_sweep(sweep), end="")
             return 0
+        set_recipes(sweep=args.recipe, linear=args.linear_recipe)
         _own_terminal(args)
         res = run_sweep(sweep, address=args.address, resume=bool(args.resume), retry_errored=args.retry_errored)
     except SweepFailed as err:
@@ -252,6 +257,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
             study = load_study_dir(args.resume)
         elif args.recipe:
             study = load_study_config(args.recipe, args.overrides)
+            set_recipes(study=args.recipe, sweep=args.recipe)
         else:
             raise ConfigError("give a study recipe (experiments/study_*.yaml) or --resume <study folder>")
         if args.print_config:
@@ -267,6 +273,16 @@ def _cmd_study(args: argparse.Namespace) -> int:
     for kind, path in res.best_configs.items():
         print(f"best by {kind}: {path}")
     return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from ..tracking.ui import UiError, serve
+
+    try:
+        return serve(args.tracking_uri, args.host, args.port, args.experiment)
+    except UiError as err:
+        print(f"mocoray ui: {err}", file=sys.stderr)
+        return 2
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from .commands import (
     _cmd_study,
     _cmd_submit,
     _cmd_sweep,
+    _cmd_ui,
 )
 
 DESCRIPTION = ("The `mocoray` command: pretrain, linear-eval, detect, compare, sweep, study, export, register, submit, "
@@ -132,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the interrupted study in <storage_path>/<name> (finished runs are kept)")
     p.add_argument("--print-config", action="store_true", help="print the validated study config and exit")
     p.set_defaults(func=_cmd_study)
+
+    p = sub.add_parser("ui", help="serve the MLflow UI for the runs' store and print the address of an "
+                                  "experiment's runs table")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument("--experiment", default=None,
+                   help="experiment to open (default: the one with the newest run)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="port to listen on (default: 5000)")
+    p.set_defaults(func=_cmd_ui)
 
     p = sub.add_parser("export", help="write a checkpoint's query backbone as a plain torchvision state_dict "
                                       "(or in detectron2's layout)")

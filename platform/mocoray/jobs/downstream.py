@@ -16,10 +16,14 @@ from ..tracking.client import (
     JOB_TAG,
     PRETRAIN_RUN_TAG,
     RUN_DIR_TAG,
+    SWEEP_RUN_TAG,
     MetricLogger,
+    client,
     resolve_tracking_uri,
+    safely,
     start_run,
 )
+from ..tracking.describe import SOURCE_NAME_TAG, log_transfer, source_name, update_description
 from . import interrupts, runtime
 from .runtime import JobRun
 
@@ -53,28 +57,37 @@ def run_guarded(run: RunConfig, resume: bool, address: str | None, failed: type[
             raise err from None
 
 
-def open_downstream_run(uri: str, cfg, encoder: EncoderSource, run_dir: str, job: str, description: str,
+def open_downstream_run(uri: str, cfg, encoder: EncoderSource, run_dir: str, job: str,
                         params: dict | None = None, tags: dict | None = None) -> str:
     """Create (or, resumed, reopen) the MLflow run of a job on `encoder`: params = the flattened `cfg` + the
-    resolved encoder (+ `params`), tags = job, encoder checkpoint, run dir, pretraining run (+ `tags`); the
-    run's description says it is the `description` of its pretraining run. Returns its id."""
+    resolved encoder (+ `params`), tags = job, encoder checkpoint, run dir, pretraining run, Source (+ `tags`).
+    Returns its id."""
     experiment = (encoder.pretrain_experiment if encoder.pretrain_experiment and not cfg.experiment_given
                   else cfg.tracking.experiment)
     all_params = flatten(cfg.model_dump(mode="json"))
     all_params.update({"encoder.arch": encoder.arch, "encoder.cifar_stem": encoder.cifar_stem,
                        "encoder.checkpoint": encoder.label, **(params or {})})
-    all_tags = {JOB_TAG: job, CHECKPOINT_TAG: encoder.label, RUN_DIR_TAG: run_dir, **(tags or {})}
+    all_tags = {JOB_TAG: job, CHECKPOINT_TAG: encoder.label, RUN_DIR_TAG: run_dir,
+                SOURCE_NAME_TAG: source_name(job), **(tags or {})}
     if encoder.pretrain_run_id:
         all_tags[PRETRAIN_RUN_TAG] = encoder.pretrain_run_id
-        all_tags["mlflow.note.content"] = (f"{description} of pretraining run `{encoder.pretrain_run_id}`, "
-                                           f"checkpoint `{encoder.label}`.")
     return start_run(uri, experiment, cfg.run.name, all_params, all_tags, run_key=run_dir)
 
 
-def link_back(job: JobRun, encoder: EncoderSource, tag: str) -> None:
-    """Tag the pretraining run with this run's id (`tag`), for people browsing the pretraining run."""
-    if job.mlflow_run_id and encoder.pretrain_run_id:
-        MetricLogger(job.tracking_uri, encoder.pretrain_run_id).tags({tag: job.mlflow_run_id})
+def link_back(job: JobRun, encoder: EncoderSource, tag: str, kind: str, metrics: dict) -> None:
+    """Tag the pretraining run with this run's id (`tag`) and log this `kind` of run's (linear | detection)
+    headline `metrics` on it as `transfer.*`; then rewrite the descriptions of this run, its pretraining run
+    and that run's sweep, which list each other and the results."""
+    if not job.mlflow_run_id:
+        return
+    if encoder.pretrain_run_id:
+        uri, pretrain_id = job.tracking_uri, encoder.pretrain_run_id
+        MetricLogger(uri, pretrain_id).tags({tag: job.mlflow_run_id})
+        safely("logging the transfer results on the pretraining run", log_transfer, uri, pretrain_id, kind, metrics)
+        update_description(uri, pretrain_id)
+        pretrain = safely("reading the pretraining run", lambda: client(uri).get_run(pretrain_id))
+        update_description(uri, pretrain.data.tags.get(SWEEP_RUN_TAG) if pretrain else None)
+    update_description(job.tracking_uri, job.mlflow_run_id)
 
 
 def downstream_trainer(job: JobRun, cfg, encoder: EncoderSource, faults, open_run: Callable[..., str],
@@ -85,5 +98,6 @@ def downstream_trainer(job: JobRun, cfg, encoder: EncoderSource, faults, open_ru
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
         job.open_tracking(uri, open_run, cfg, encoder, job.run_dir, uri)
         record_job_start(job.tracking_uri, job.mlflow_run_id, dump_yaml(cfg), records)
+        update_description(job.tracking_uri, job.mlflow_run_id)
     loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), encoder=asdict(encoder), faults=faults.to_dict())
     return runtime.make_torch_trainer(train_loop, loop_config, cfg.run, job.storage_path)

@@ -35,8 +35,6 @@ ENVIRONMENT_ARTIFACT = "environment.json"
 ENCODER_ARTIFACT = "encoder"  # a folder: BACKBONE_FILE + ENCODER_INFO_FILE
 BACKBONE_FILE = "backbone.pt"
 ENCODER_INFO_FILE = "encoder.json"
-SOURCE_NAME_TAG = "mlflow.source.name"  # MLflow's own: the runs table's "Source" column
-TAG_VALUE_LIMIT = 5000
 ARTIFACT_SCHEMES = ("runs:/", "models:/")
 CACHE_ENV = "MOCORAY_CACHE_DIR"
 
@@ -99,15 +97,13 @@ def log_text(uri: str, run_id: str, name: str, text: str) -> None:
 
 
 def log_job_record(uri: str, run_id: str, config_text: str, environment: dict[str, Any] | None = None) -> None:
-    """config.yaml, command.txt (+ environment.json when given) on the run; the command also as its source."""
-    from mlflow.entities import RunTag
-
+    """config.yaml, command.txt (+ environment.json when given) on the run (its Source names only the job and
+    recipe: `tracking.describe`)."""
     command = command_line()
     log_text(uri, run_id, CONFIG_ARTIFACT, config_text)
     log_text(uri, run_id, COMMAND_ARTIFACT, f"# in {os.getcwd()}\n{command}\n")
     if environment is not None:
         log_text(uri, run_id, ENVIRONMENT_ARTIFACT, json.dumps(environment, indent=2))
-    client(uri).log_batch(run_id, tags=[RunTag(SOURCE_NAME_TAG, command[:TAG_VALUE_LIMIT])])
 
 
 def log_environment(uri: str | None, run_id: str | None, world_size: int, device: torch.device) -> None:

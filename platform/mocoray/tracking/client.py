@@ -31,6 +31,9 @@ RUN_DIR_TAG = "mocoray.run_dir"
 # JSON {field: value} of the config fields a `--resume` changed; MLflow params cannot change once logged
 RESUMED_WITH_TAG = "mocoray.resumed_with"
 MLFLOW_PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests child runs under their parent in the UI
+# MLflow's own experiment kind; "custom_model_development" is the UI's "Machine learning" (model training) kind
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
 
 
@@ -77,7 +80,8 @@ def experiment_id(c, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return c.create_experiment(name, artifact_location=local_artifact_location(c.tracking_uri, name))
+    return c.create_experiment(name, artifact_location=local_artifact_location(c.tracking_uri, name),
+                               tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
 
 
 def param_value(value: Any) -> str:
@@ -112,9 +116,9 @@ def start_run(
         items = [Param(k, param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit
             c.log_batch(run_id, params=items[i : i + 100])
-    else:
+    else:  # a resumed run keeps its Source (the command that started it)
         c.update_run(run_id, status="RUNNING")
-        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items() if k != "mlflow.source.name"])
     return run_id
 
 

@@ -83,7 +83,7 @@ def _open_mlflow_run(cfg: DetectConfig, encoder: EncoderSource, run_dir: str, ur
     if classes_from:
         params["data.classes_from"] = classes_from
     return open_downstream_run(uri, cfg, encoder, run_dir, "detection",
-                               f"Detection transfer ({cfg.model.layout}, {cfg.data.name})", params=params)
+                               params=params)
 
 
 def classes_from(data: DetectDataConfig) -> str | None:
@@ -141,7 +141,7 @@ def _fit(job: runtime.JobRun, cfg: DetectConfig, encoder: EncoderSource, faults:
                 f"checkpoint is kept: {checkpoint or 'none was written yet'}. "
                 "Lower optim.lr, raise optim.warmup, set optim.clip_grad_norm, or check the data.", out)
         raise DetectionFailed(f"detection run {cfg.run.name!r} ended with status {status['status']!r}", out)
-    link_back(job, encoder, DETECTION_RUN_TAG)
+    link_back(job, encoder, DETECTION_RUN_TAG, "detection", out.metrics)
     job.end_tracking("FINISHED", tags)
     if job.mlflow_run_id and encoder.pretrain_run_id:  # registered versions of the encoder show the new AP
         safely("tagging registered versions", tag_versions_with_results, job.tracking_uri, encoder.pretrain_run_id)

@@ -66,8 +66,7 @@ class LinearResult:
 
 
 def _open_mlflow_run(cfg: LinearConfig, encoder: EncoderSource, run_dir: str, uri: str) -> str:
-    return open_downstream_run(uri, cfg, encoder, run_dir, "linear", f"Linear evaluation ({cfg.linear.mode})",
-                               tags={"mocoray.linear_mode": cfg.linear.mode})
+    return open_downstream_run(uri, cfg, encoder, run_dir, "linear", tags={"mocoray.linear_mode": cfg.linear.mode})
 
 
 def run_linear_eval(cfg: LinearConfig, address: str | None = None, resume: bool = False,
@@ -107,7 +106,8 @@ def _fit(job: runtime.JobRun, cfg: LinearConfig, encoder: EncoderSource, faults:
     if job.mlflow_run_id:
         final = {"linear_top1_final": status["linear_top1"], "linear_top5_final": status["linear_top5"]}
         MetricLogger(job.tracking_uri, job.mlflow_run_id).metrics(final, step=status["epoch"])
-        link_back(job, encoder, LINEAR_RUN_TAG)
+        link_back(job, encoder, LINEAR_RUN_TAG, "linear",
+                  {"linear_top1": status["linear_top1"], "linear_top5": status["linear_top5"]})
     tags = {STATUS_TAG: "completed"}
     if checkpoint:
         tags[FC_CHECKPOINT_TAG] = checkpoint

@@ -39,6 +39,7 @@ from ...tracking.client import (
     safely,
     start_run,
 )
+from ...tracking.describe import SOURCE_NAME_TAG, source_name, update_description
 from ...tracking.outbox import UNSENT_FILE
 from .. import interrupts, runtime
 from ..faults import Faults
@@ -166,13 +167,15 @@ def _open_tracking(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint 
                    extra_tags: dict[str, str] | None) -> None:
     """Create (or, resumed, reopen) the MLflow run, with the fields this resume changed as a tag."""
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    tags = {JOB_TAG: "pretrain", RUN_DIR_TAG: job.run_dir, **(extra_tags or {})}
+    tags = {JOB_TAG: "pretrain", RUN_DIR_TAG: job.run_dir, SOURCE_NAME_TAG: source_name("pretrain"),
+            **(extra_tags or {})}
     if point and point.resumed_with:
         tags[RESUMED_WITH_TAG] = json.dumps(point.resumed_with, sort_keys=True)
     job.open_tracking(uri, start_run, uri, cfg.tracking.experiment, cfg.run.name,
                       flatten(cfg.model_dump(mode="json")), tags, job.run_dir)
     record_job_start(job.tracking_uri, job.mlflow_run_id, dump_yaml(cfg),
                      lambda: dataset_records(cfg.data, pretraining=True))
+    update_description(job.tracking_uri, job.mlflow_run_id)
 
 
 def _fit(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None, resume_from: str | None,
@@ -214,6 +217,7 @@ def _fit(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None, re
             info = encoder_info(cfg.model.arch, cfg.model.cifar_stem, job.mlflow_run_id, checkpoint)
             record_encoder(job.tracking_uri, job.mlflow_run_id, backbone_path, info)
     unsent = close_tracking(job, "FINISHED" if status["status"] == "completed" else "FAILED", final_tags)
+    update_description(job.tracking_uri, job.mlflow_run_id)
     out = PretrainResult(run_dir=job.run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}),
                          status=status["status"], mlflow_run_id=job.mlflow_run_id, tracking_uri=job.tracking_uri,
                          backbone_path=backbone_path, unsent_metrics=unsent)

@@ -44,6 +44,7 @@ from ...tracking.client import (
     safely,
     start_run,
 )
+from ...tracking.describe import SOURCE_NAME_TAG, TRIAL_TAG, source_name, update_description
 from .. import console
 from ..pretrain.driver import run_pretrain
 from ..runtime import init_ray
@@ -55,7 +56,6 @@ TRIALS_CSV = "trials.csv"
 BEST_CONFIG = "best_config.yaml"
 PLOTS_DIR = "plots"
 TRAIN_DIR = "train"
-TRIAL_TAG = "mocoray.trial_id"
 
 
 class SweepFailed(RuntimeError):
@@ -79,11 +79,12 @@ def trial_dirname(trial) -> str:
 
 
 def run_trial(config: dict[str, Any], template: dict[str, Any], sweep_name: str, parent_run_id: str | None,
-              command: list[str] | None = None, console_sink: dict | None = None) -> None:
+              command: list[str] | None = None, console_sink: dict | None = None, source: str | None = None) -> None:
     """One Tune trial: the template config + this trial's values -> a full pretraining run on Ray Train.
 
-    `command` is the sweep's command line, which the trial's run records as its own; `console_sink` is the
-    sweep's terminal, where the trial's lines go, prefixed with its id."""
+    `command` is the sweep's command line, which the trial's run records as its own; its Source is the
+    sweep's `source` + ` trial <id>`; `console_sink` is the sweep's terminal, where the trial's lines go,
+    prefixed with its id."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -96,7 +97,7 @@ def run_trial(config: dict[str, Any], template: dict[str, Any], sweep_name: str,
         set_dotted(data, key, python_value(value))
     data["run"]["name"] = trial_run_name(sweep_name, trial_id)
     cfg = build(PretrainConfig, data)
-    tags = {TRIAL_TAG: trial_id}
+    tags = {TRIAL_TAG: trial_id, SOURCE_NAME_TAG: f"{source or source_name('sweep')} trial {trial_id}"}
     if parent_run_id:
         tags.update({SWEEP_RUN_TAG: parent_run_id, MLFLOW_PARENT_TAG: parent_run_id})
     run_pretrain(cfg, resume="auto", extra_tags=tags, callbacks=[TuneReportCallback()])
@@ -220,7 +221,7 @@ def run_sweep(
         uri = base.tracking.tracking_uri
         parent_id = safely("start of the sweep run", start_run, uri, base.tracking.experiment, sweep.name,
                            _parent_params(sweep, max_concurrent),
-                           {JOB_TAG: "sweep", "mocoray.sweep_dir": sweep_dir, **(parent_tags or {})},
+                           {JOB_TAG: "sweep", "mocoray.sweep_dir": sweep_dir, SOURCE_NAME_TAG: source_name("sweep"), **(parent_tags or {})},
                            run_key=sweep_dir)
         if not resume:
             record_job_start(uri, parent_id, dump_sweep(sweep), lambda: dataset_records(base.data, pretraining=True),
@@ -228,7 +229,8 @@ def run_sweep(
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, template=template, sweep_name=sweep.name, parent_run_id=parent_id,
-                             command=command_argv(), console_sink=console.sweep_sink(sweep_dir)),
+                             command=command_argv(), console_sink=console.sweep_sink(sweep_dir),
+                             source=source_name("sweep")),
         {"cpu": sweep.resources.trial_cpus},
     )
     print(f"[mocoray] sweep {sweep.name!r} in {sweep_dir}: {len(sweep.space)} field(s), "
@@ -295,6 +297,9 @@ def _log_parent(uri: str, parent_id: str, rows: list[dict[str, Any]], best: dict
     safely("log of the sweep's summary", c.log_batch, parent_id, metrics=items, params=params, tags=tags)
     for path, folder in files:
         safely(f"log_artifact {path.name}", c.log_artifact, parent_id, str(path), folder)
+    for row in rows:  # a trial Tune stopped early never wrote its own final description
+        update_description(uri, row.get("mlflow_run_id"))
+    update_description(uri, parent_id)  # with the ranking table of its trials
     safely("end of the sweep run", end_run, uri, parent_id, "FINISHED", {STATUS_TAG: "completed"})
 
 
