@@ -232,6 +232,8 @@ def test_each_trial_gets_one_linear_and_one_detection_run_linked_both_ways_and_a
             assert len(finished) == 1, (job, [(r.info.run_id, r.info.status) for r in runs])
             assert trial.data.tags[link] == finished[0].info.run_id  # and the trial's run points back
     assert study_run.data.tags["mocoray.status"] == "completed, 1 downstream run(s) failed"
+    summary = Path(c.download_artifacts(res.run_id, "summary.md")).read_text()
+    assert study_run.data.tags["mlflow.note.content"] == summary[:5000]  # the UI's description: the analysis
 
 
 def test_resume_kept_the_downstream_runs_that_finished_before_the_kill(study):

@@ -40,7 +40,7 @@ from ...tracking.client import (
     safely,
     start_run,
 )
-from ...tracking.describe import SOURCE_NAME_TAG, source_name
+from ...tracking.describe import NOTE_LIMIT, NOTE_TAG, SOURCE_NAME_TAG, source_name
 from ...tracking.transfer import STUDY_SWEEP_TAG, transfer_rows
 from ..runtime import init_ray
 from ..sweep.driver import TRIALS_CSV, run_sweep, with_absolute_paths
@@ -237,7 +237,9 @@ def _analyse(study: StudyConfig, sweep, study_dir: str, uri: str, run_id: str) -
         safely(f"log_artifact {path.name}", c.log_artifact, run_id, str(path), folder)
     failed = sum(r.get(f"{k}_status") == "failed" for r in rows for k in study.kinds)
     safely("end of the study run", end_run, uri, run_id, "FINISHED",
-           {STATUS_TAG: "completed" if not failed else f"completed, {failed} downstream run(s) failed"})
+           {STATUS_TAG: "completed" if not failed else f"completed, {failed} downstream run(s) failed",
+            # the UI shows the description first: what transfers best, the correlations, the ranking
+            NOTE_TAG: (out / SUMMARY).read_text()[:NOTE_LIMIT]})
     print("\n" + render_table(rows, [c for c in columns if not c.endswith(("_error", "_run_id"))],
                               cell=lambda _c, v: f"{v:.4g}" if isinstance(v, float) else str(v), missing="-"))
     print((out / SUMMARY).read_text())
