@@ -190,6 +190,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_or_resume(args: argparse.Namespace, what: str, load_recipe, load_dir):
+    """The job `args` names: its recipe (with --set overrides) or, with --resume, the one saved in its folder."""
+    if args.resume:
+        if args.recipe or args.overrides:
+            raise ConfigError(f"--resume continues the {what} saved in its folder; give no recipe or --set")
+        return load_dir(args.resume)
+    if args.recipe:
+        return load_recipe(args.recipe, args.overrides)
+    raise ConfigError(f"give a {what} recipe (experiments/{what}_*.yaml) or --resume <{what} folder>")
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from ..config import load_sweep_config
     from ..config.sweep import dump_sweep
@@ -199,14 +210,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.then_linear_eval and not args.linear_recipe:
         raise ConfigError("--then-linear-eval N needs --linear-recipe RECIPE (e.g. experiments/linear_digits.yaml)")
     try:
-        if args.resume:
-            if args.recipe or args.overrides:
-                raise ConfigError("--resume continues the sweep saved in its folder; give no recipe or --set")
-            sweep = load_sweep_dir(args.resume)
-        elif args.recipe:
-            sweep = load_sweep_config(args.recipe, args.overrides)
-        else:
-            raise ConfigError("give a sweep recipe (experiments/sweep_*.yaml) or --resume <sweep folder>")
+        sweep = _recipe_or_resume(args, "sweep", load_sweep_config, load_sweep_dir)
         if args.print_config:
             print(dump_sweep(sweep), end="")
             return 0
@@ -251,15 +255,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from ..jobs.study import StudyFailed, load_study_dir, run_study
 
     try:
-        if args.resume:
-            if args.recipe or args.overrides:
-                raise ConfigError("--resume continues the study saved in its folder; give no recipe or --set")
-            study = load_study_dir(args.resume)
-        elif args.recipe:
-            study = load_study_config(args.recipe, args.overrides)
-            set_recipes(study=args.recipe, sweep=args.recipe)
-        else:
-            raise ConfigError("give a study recipe (experiments/study_*.yaml) or --resume <study folder>")
+        study = _recipe_or_resume(args, "study", load_study_config, load_study_dir)
+        set_recipes(study=args.recipe, sweep=args.recipe)
         if args.print_config:
             print(dump_study(study), end="")
             return 0

@@ -188,6 +188,25 @@ def prepare_run_dir(run_dir: str, name: str, resume: bool) -> str:
     return status_url
 
 
+def load_job_folder(path: str, file_name: str, model, what: str, failed: type[Exception]):
+    """The resolved config a sweep or study saved in its folder, local or URL (what `--resume <folder>` continues),
+    with its storage path set to the folder's parent: the folder may have moved since."""
+    import yaml
+
+    from ..config import build
+
+    url = storage.join(storage.absolute(str(path)), file_name)
+    if not storage.exists(url) or storage.is_dir(url):
+        raise failed(f"--resume: {path} is not a {what} folder (no {file_name}); "
+                     f"pass the folder printed when the {what} started: <storage_path>/<name>")
+    config = build(model, yaml.safe_load(storage.read_bytes(url)))
+    storage_path, name = url.rsplit("/", 2)[:2]
+    if name != config.name:
+        raise failed(f"--resume: the folder {path} is named {name!r} but holds {what} {config.name!r}; "
+                     f"its runs are named after the {what}: rename the folder back")
+    return config.model_copy(update={"storage_path": storage_path})
+
+
 def read_status(status_url: str) -> dict | None:
     return storage.read_json(status_url) if storage.exists(status_url) else None
 

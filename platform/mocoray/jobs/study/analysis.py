@@ -11,7 +11,7 @@ from typing import Any
 
 from ...config import SweepConfig
 from ...tracking.transfer import KIND_METRICS
-from ..sweep.report import heatmap_cells
+from ..sweep.report import heatmap_cells, save_heatmap
 
 SEED_FIELD = "run.seed"
 HEADLINE = {"linear": "linear_top1", "detection": "AP"}  # the metric a best configuration is chosen by
@@ -206,22 +206,6 @@ def make_plots(rows: list[dict[str, Any]], sweep: SweepConfig, metric: str, kind
         heat = heatmap_cells(rows, sweep, y)
         if heat is None or np.isnan(heat[4]).all():
             continue
-        a, b, xs, ys, cells = heat
-        fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2.5, 0.8 * len(ys) + 2))
-        im = ax.imshow(cells, origin="lower", cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(xs)), [str(v) for v in xs])
-        ax.set_yticks(range(len(ys)), [str(v) for v in ys])
-        for i in range(len(ys)):
-            for j in range(len(xs)):
-                ax.text(j, i, "-" if np.isnan(cells[i, j]) else f"{cells[i, j]:.3f}", ha="center", va="center",
-                        color="w", fontsize="small")
-        ax.set_xlabel(a)
-        ax.set_ylabel(b)
-        ax.set_title(f"mean {y}, trials that ran to the end", fontsize="medium")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        path = out_dir / f"heatmap_{y}_{a}_{b}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_heatmap(heat, f"mean {y}, trials that ran to the end",
+                                  out_dir / f"heatmap_{y}_{heat[0]}_{heat[1]}.png"))
     return paths

@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ... import storage
-from ...config import ConfigError, dump_yaml, flatten
+from ...config import dump_yaml, flatten
 from ...config.study import StudyConfig, dump_study
 from ...config.sweep import resolve, trial_base
 from ...tracking.artifacts import environment_record, record_job_start
@@ -42,7 +40,7 @@ from ...tracking.client import (
 )
 from ...tracking.describe import NOTE_LIMIT, NOTE_TAG, SOURCE_NAME_TAG, source_name
 from ...tracking.transfer import STUDY_SWEEP_TAG, transfer_rows
-from ..runtime import init_ray
+from ..runtime import init_ray, load_job_folder
 from ..sweep.driver import TRIALS_CSV, run_sweep, with_absolute_paths
 from ..sweep.report import best_config, trial_run_name
 from . import analysis
@@ -253,14 +251,4 @@ def _analyse(study: StudyConfig, sweep, study_dir: str, uri: str, run_id: str) -
 
 def load_study_dir(path: str) -> StudyConfig:
     """The resolved study saved in a study folder (what `--resume <folder>` continues)."""
-    from ...config import build
-
-    url = storage.join(storage.absolute(str(path)), STUDY_FILE)
-    if not storage.exists(url) or storage.is_dir(url):
-        raise StudyFailed(f"--resume: {path} is not a study folder (no {STUDY_FILE}); pass the folder printed "
-                          "when the study started: <storage_path>/<name>")
-    study = build(StudyConfig, yaml.safe_load(storage.read_bytes(url)))
-    storage_path, name = url.rsplit("/", 2)[:2]
-    if name != study.name:
-        raise ConfigError(f"--resume: the folder {path} is named {name!r} but holds study {study.name!r}")
-    return study.model_copy(update={"storage_path": storage_path})
+    return load_job_folder(path, STUDY_FILE, StudyConfig, "study", StudyFailed)

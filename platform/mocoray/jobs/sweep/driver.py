@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-import yaml
 
 from ... import storage
 from ...config import PretrainConfig, SweepConfig, build, dump_yaml
@@ -47,7 +46,7 @@ from ...tracking.client import (
 from ...tracking.describe import SOURCE_NAME_TAG, TRIAL_TAG, source_name, update_description
 from .. import console
 from ..pretrain.driver import run_pretrain
-from ..runtime import init_ray
+from ..runtime import init_ray, load_job_folder
 from .report import best_config, make_plots, pick_best, python_value, trial_rows, trial_run_name, trial_table
 from .space import build_scheduler, concurrency, tune_space
 
@@ -149,16 +148,7 @@ def _parent_params(sweep: SweepConfig, max_concurrent: int) -> dict[str, Any]:
 
 def load_sweep_dir(path: str) -> SweepConfig:
     """The resolved sweep saved in a sweep folder, local or URL (what `--resume <folder>` continues)."""
-    url = storage.join(storage.absolute(str(path)), SWEEP_FILE)
-    if not storage.exists(url) or storage.is_dir(url):
-        raise SweepFailed(f"--resume: {path} is not a sweep folder (no {SWEEP_FILE}); "
-                          "pass the folder printed when the sweep started: <storage_path>/<name>")
-    sweep = build(SweepConfig, yaml.safe_load(storage.read_bytes(url)))
-    storage_path, name = url.rsplit("/", 2)[:2]  # the folder may have moved since: its parent is the storage
-    if name != sweep.name:
-        raise SweepFailed(f"--resume: the folder {path} is named {name!r} but holds sweep {sweep.name!r}; "
-                          "its trials' runs are named after the sweep: rename the folder back")
-    return resolve(sweep.model_copy(update={"storage_path": storage_path}))
+    return resolve(load_job_folder(path, SWEEP_FILE, SweepConfig, "sweep", SweepFailed))
 
 
 def with_absolute_paths(sweep: SweepConfig) -> SweepConfig:

@@ -116,13 +116,36 @@ def heatmap_cells(rows: list[dict[str, Any]], sweep: SweepConfig, col: str | Non
     return a, b, xs, ys, cells
 
 
+def save_heatmap(heat: tuple, title: str, path: Path) -> Path:
+    """Draw `heatmap_cells`' grid with each cell's value written in it (a dash where no trial counts)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    a, b, xs, ys, cells = heat
+    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2.5, 0.8 * len(ys) + 2))
+    im = ax.imshow(cells, origin="lower", cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set_yticks(range(len(ys)), [str(y) for y in ys])
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            ax.text(j, i, "-" if np.isnan(cells[i, j]) else f"{cells[i, j]:.3f}", ha="center", va="center",
+                    color="w", fontsize="small")
+    ax.set_xlabel(a)
+    ax.set_ylabel(b)
+    ax.set_title(title, fontsize="medium")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def make_plots(rows: list[dict[str, Any]], sweep: SweepConfig, out_dir: Path) -> list[Path]:
     """PNG per searched field (best metric vs the field's value) and a heatmap of the first two grid fields."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     col = f"best_{sweep.metric}"
@@ -161,26 +184,10 @@ def make_plots(rows: list[dict[str, Any]], sweep: SweepConfig, out_dir: Path) ->
 
     heat = heatmap_cells(scored, sweep)
     if heat is not None:
-        a, b, xs, ys, cells = heat
-        fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2.5, 0.8 * len(ys) + 2))
-        im = ax.imshow(cells, origin="lower", cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
-        ax.set_yticks(range(len(ys)), [str(y) for y in ys])
-        for i in range(len(ys)):
-            for j in range(len(xs)):
-                ax.text(j, i, "-" if np.isnan(cells[i, j]) else f"{cells[i, j]:.3f}", ha="center", va="center",
-                        color="w", fontsize="small")
-        ax.set_xlabel(a)
-        ax.set_ylabel(b)
+        a, b = heat[0], heat[1]
         others = [k for k in sweep.space if k not in (a, b)]
         left_out = sum(r["status"] != "completed" for r in scored)
-        ax.set_title(f"mean {col}" + (f" over {', '.join(others)}" if others else "")
-                     + (f"\ntrials that ran to the end ({left_out} stopped early left out)" if left_out else ""),
-                     fontsize="medium")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        path = out_dir / f"heatmap_{a}_{b}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        title = (f"mean {col}" + (f" over {', '.join(others)}" if others else "")
+                 + (f"\ntrials that ran to the end ({left_out} stopped early left out)" if left_out else ""))
+        paths.append(save_heatmap(heat, title, out_dir / f"heatmap_{a}_{b}.png"))
     return paths
