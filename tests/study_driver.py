@@ -10,11 +10,13 @@ import json
 import sys
 
 from mocoray.config.study import load_study_config
+from mocoray.jobs.console import own_terminal
 from mocoray.jobs.study import DownstreamFault, load_study_dir, run_study
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    own_terminal(verbose=False)  # as `mocoray study` does: the test reads what its terminal shows
     study = load_study_dir(spec["resume"]) if spec["resume"] else load_study_config(spec["recipe"])
     res = run_study(study, address=spec["address"], resume=bool(spec["resume"]),
                     faults=[DownstreamFault(**f) for f in spec["faults"]])

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -203,7 +204,8 @@ def study(ray_session, tmp_path_factory):
     assert before, (tmp / "first.log").read_text()[-3000:]
 
     res = run_study(load_study_dir(str(study_dir)), resume=True, faults=[DownstreamFault(**f) for f in faults])
-    return {"result": res, "before": before, "uri": f"sqlite:///{tmp / 'mlflow.db'}", "dir": study_dir}
+    return {"result": res, "before": before, "uri": f"sqlite:///{tmp / 'mlflow.db'}", "dir": study_dir,
+            "first_log": tmp / "first.log"}
 
 
 def _runs(c, filter_string: str) -> list:
@@ -234,6 +236,14 @@ def test_each_trial_gets_one_linear_and_one_detection_run_linked_both_ways_and_a
     assert study_run.data.tags["mocoray.status"] == "completed, 1 downstream run(s) failed"
     summary = Path(c.download_artifacts(res.run_id, "summary.md")).read_text()
     assert study_run.data.tags["mlflow.note.content"] == summary[:5000]  # the UI's description: the analysis
+
+
+def test_the_study_terminal_shows_mocoray_lines_with_their_trial_not_ray_s_output(study):
+    text = study["first_log"].read_text()
+    assert re.search(r"^\[mocoray\] study: (linear|detection) of trial \S+ finished$", text, re.M), text[-3000:]
+    assert re.search(r"^\[trial \S+\] ", text, re.M), text[-3000:]  # a trial's epoch lines, named by trial
+    for ray_output in ("(RayTrainWorker", "(_downstream_job", "Trial status", "INFO"):
+        assert ray_output not in text, text[-3000:]
 
 
 def test_resume_kept_the_downstream_runs_that_finished_before_the_kill(study):

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import EXPERIMENTS, REPO, tiny_sweep_overrides
@@ -293,6 +294,28 @@ def test_a_trial_run_ended_killed_by_the_sweep_keeps_that_status_when_its_own_pr
     assert stopped.data.tags["mocoray.epochs_run"] == "1"
     failing = c.get_run(jobs["failing"].mlflow_run_id)
     assert failing.info.status == "FAILED" and failing.data.tags[STATUS_TAG] == "running"
+
+
+def test_a_completed_trial_tune_cut_before_its_epilogue_is_tagged_with_its_newest_complete_checkpoint(tmp_path):
+    """ASHA can stop a trial at its last epoch: the trial never tags its final checkpoint, which linear
+    evaluation (`--then-linear-eval`) and the study's downstream runs load. The sweep's close-up tags it."""
+    from mocoray.checkpoints import save_training_checkpoint
+    from mocoray.jobs.sweep.driver import _close_children
+    from mocoray.tracking.client import CHECKPOINT_TAG, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "trial"
+    for epoch in (2, 4):
+        save_training_checkpoint(run_dir / f"epoch_{epoch:04d}", rank=0, model_state={"w": torch.ones(2)},
+                                 optimizer_state={}, scaler_state={}, train_state={"epoch": epoch},
+                                 meta={"world_size": 1})
+    (run_dir / "epoch_0004" / "optimizer.pt").write_bytes(b"PK")  # cut mid-upload: not a complete checkpoint
+    run_id = start_run(uri, "cut", "trial", {}, {JOB_TAG: "pretrain"}, run_key=str(run_dir))
+    rows = [{"run_dir": str(run_dir), "status": "completed", "epochs": 4, "planned_epochs": 4}]
+    _close_children(rows, uri, "cut")
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    assert rows[0]["mlflow_run_id"] == run_id and run.info.status == "FINISHED"
+    assert run.data.tags[CHECKPOINT_TAG] == str(run_dir / "epoch_0002")
 
 
 # ---------------------------------------------------------------------------------------------------

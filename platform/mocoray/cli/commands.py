@@ -260,6 +260,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         if args.print_config:
             print(dump_study(study), end="")
             return 0
+        _own_terminal(args)
         res = run_study(study, address=args.address, resume=bool(args.resume))
     except StudyFailed as err:
         print(f"mocoray study: {err}", file=sys.stderr)

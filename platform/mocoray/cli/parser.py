@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="study field (trials.top=2) or, prefixed with sweep., a sweep or base-recipe field "
                         "(sweep.num_samples=2, sweep.optim.epochs=3); repeatable")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    _add_verbose_arg(p)
     p.add_argument("--resume", default=None, metavar="STUDY_DIR",
                    help="continue the interrupted study in <storage_path>/<name> (finished runs are kept)")
     p.add_argument("--print-config", action="store_true", help="print the validated study config and exit")

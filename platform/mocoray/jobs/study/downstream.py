@@ -13,12 +13,10 @@ from typing import Any
 import yaml
 
 from ... import storage
-from ...checkpoints import newest_complete_checkpoint
 from ...config import load_detect_config, load_linear_config
 from ...config.study import StudyConfig, TrialSelection
 from ...tracking.artifacts import command_argv, set_command_line
 from ...tracking.client import (
-    CHECKPOINT_TAG,
     JOB_TAG,
     PRETRAIN_RUN_TAG,
     RUN_DIR_TAG,
@@ -32,7 +30,9 @@ from ...tracking.client import (
 )
 from ...tracking.describe import set_recipes
 from ...tracking.transfer import ERROR_TAG, KIND_JOBS
+from .. import console
 from ..runtime import run_dir_of
+from ..sweep.driver import tag_final_checkpoint
 from ..sweep.report import trial_run_name
 
 STATE_FILE = "state.json"
@@ -55,13 +55,15 @@ class DownstreamFault:
 
 
 def _downstream_job(kind: str, recipe: str, overrides: list[str], values: dict[str, Any],
-                    command: list[str]) -> dict[str, Any]:
+                    command: list[str], console_sink: dict | None = None, prefix: str = "") -> dict[str, Any]:
     """One downstream run, inside a Ray task: load its config, run it (resumed when its folder exists: an
-    interrupted study left it), return its outcome. Any failure is returned, not raised: the study goes on."""
+    interrupted study left it), return its outcome. Any failure is returned, not raised: the study goes on.
+    Its lines reach the study's terminal through `console_sink`, after `prefix`."""
     from ..detect.driver import run_detection
     from ..linear.driver import run_linear_eval
 
     set_command_line(command)
+    console.adopt(console_sink, prefix)
     set_recipes(**{kind: recipe})  # this task's process: its run's Source names the recipe
     try:
         if kind == "linear":
@@ -139,7 +141,8 @@ class Downstream:
             self.records[key] = {"status": "finished", "run_id": done}
             self._save()
             return
-        safely("tagging the trial's checkpoint", _tag_final_checkpoint, self.uri, trial)
+        safely("tagging the trial's checkpoint", tag_final_checkpoint, self.uri, trial["trial_run_id"],
+               trial["run_dir"])
         spec = getattr(self.study, kind)
         number = int(trial["trial_id"].rsplit("_", 1)[-1])
         extra = [o for f in self.faults if f.kind == kind and f.trial_number == number for o in f.overrides]
@@ -148,7 +151,8 @@ class Downstream:
                   "run.storage_path": storage.join(self.study_dir, DOWNSTREAM_DIR)}
         task = ray.remote(_downstream_job).options(num_cpus=self.study.downstream.driver_cpus,
                                                    name=f"{kind}:{values['run.name']}", max_retries=0)
-        ref = task.remote(kind, spec.recipe, [*spec.overrides, *extra], values, command_argv())
+        ref = task.remote(kind, spec.recipe, [*spec.overrides, *extra], values, command_argv(),
+                          console.sweep_sink(self.study_dir), f"[trial {trial['trial_id']} {kind}] ")
         self.running[ref] = (trial, kind, key)
         print(f"[mocoray] study: {kind} of trial {trial['trial_id']} started")
 
@@ -197,18 +201,6 @@ def _finished_run(uri: str, trial_run_id: str, kind: str) -> str | None:
     runs = c.search_runs(exp_ids, f"tags.`{JOB_TAG}` = '{KIND_JOBS[kind]}' and tags.`{PRETRAIN_RUN_TAG}` = "
                                   f"'{trial_run_id}' and attributes.status = 'FINISHED'", max_results=1)
     return runs[0].info.run_id if runs else None
-
-
-def _tag_final_checkpoint(uri: str, trial: dict[str, Any]) -> None:
-    """A trial that Tune stopped at its last epoch (ASHA at max_t) did not run its own epilogue, which tags
-    its run with its final checkpoint (what the downstream runs load): tag it with the newest complete
-    checkpoint in its folder, as the epilogue would have."""
-    c = client(uri)
-    if CHECKPOINT_TAG in c.get_run(trial["trial_run_id"]).data.tags:
-        return
-    newest = newest_complete_checkpoint(trial["run_dir"])
-    if newest:
-        c.set_tag(trial["trial_run_id"], CHECKPOINT_TAG, newest)
 
 
 _ACTIVE: dict[str, Downstream] = {}  # study folder -> its live scheduler

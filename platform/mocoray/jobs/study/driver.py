@@ -40,6 +40,7 @@ from ...tracking.client import (
 )
 from ...tracking.describe import NOTE_LIMIT, NOTE_TAG, SOURCE_NAME_TAG, source_name
 from ...tracking.transfer import STUDY_SWEEP_TAG, transfer_rows
+from .. import console
 from ..runtime import init_ray, load_job_folder
 from ..sweep.driver import TRIALS_CSV, run_sweep, with_absolute_paths
 from ..sweep.report import best_config, trial_run_name
@@ -125,6 +126,7 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
         storage.write_bytes(study_file, dump_study(study).encode())
 
     init_ray(address)
+    console.run_started(study_dir)
     run_id = start_run(uri, experiment, study.name, _study_params(study, sweep.metric, sweep.mode),
                        {JOB_TAG: "study", "mocoray.study_dir": study_dir, SOURCE_NAME_TAG: source_name("study"),
                         "mlflow.note.content": f"Study `{study.name}`: which {', '.join(sweep.space)} transfer "
@@ -238,6 +240,7 @@ def _analyse(study: StudyConfig, sweep, study_dir: str, uri: str, run_id: str) -
            {STATUS_TAG: "completed" if not failed else f"completed, {failed} downstream run(s) failed",
             # the UI shows the description first: what transfers best, the correlations, the ranking
             NOTE_TAG: (out / SUMMARY).read_text()[:NOTE_LIMIT]})
+    console.flush()
     print("\n" + render_table(rows, [c for c in columns if not c.endswith(("_error", "_run_id"))],
                               cell=lambda _c, v: f"{v:.4g}" if isinstance(v, float) else str(v), missing="-"))
     print((out / SUMMARY).read_text())

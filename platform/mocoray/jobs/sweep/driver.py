@@ -24,12 +24,14 @@ from typing import Any
 import fsspec
 
 from ... import storage
+from ...checkpoints import newest_complete_checkpoint
 from ...config import PretrainConfig, SweepConfig, build, dump_yaml
 from ...config.common import set_dotted
 from ...config.sweep import dump_sweep, max_epochs, resolve, trial_base
 from ...data.fingerprint import dataset_records
 from ...tracking.artifacts import command_argv, environment_record, record_job_start, set_command_line
 from ...tracking.client import (
+    CHECKPOINT_TAG,
     JOB_TAG,
     MLFLOW_PARENT_TAG,
     STATUS_TAG,
@@ -110,6 +112,18 @@ def _close_child(uri: str, experiment: str, run_key: str, status: str, tags: dic
     if run_id:
         end_run(uri, run_id, status, tags, only_if_running=only_if_running)
     return run_id
+
+
+def tag_final_checkpoint(uri: str, run_id: str, run_dir: str) -> None:
+    """A trial that Tune stopped at its last epoch (ASHA at max_t) did not run its own epilogue, which tags
+    its run with its final checkpoint (what linear evaluation and detection load): tag it with the newest
+    complete checkpoint in its folder, as the epilogue would have."""
+    c = client(uri)
+    if CHECKPOINT_TAG in c.get_run(run_id).data.tags:
+        return
+    newest = newest_complete_checkpoint(run_dir)
+    if newest:
+        c.set_tag(run_id, CHECKPOINT_TAG, newest)
 
 
 def _early_stop_tags(epochs_run: int, epochs: int) -> dict[str, str]:
@@ -266,6 +280,8 @@ def _close_children(rows: list[dict[str, Any]], uri: str, experiment: str) -> No
             status, tags, only_running = "FAILED", {STATUS_TAG: row["status"]}, True
         row["mlflow_run_id"] = safely("closing a trial run", _close_child, uri, experiment, row["run_dir"],
                                       status, tags, only_if_running=only_running)
+        if row["status"] == "completed" and row["mlflow_run_id"]:
+            safely("tagging the trial's checkpoint", tag_final_checkpoint, uri, row["mlflow_run_id"], row["run_dir"])
 
 
 def _log_parent(uri: str, parent_id: str, rows: list[dict[str, Any]], best: dict[str, Any] | None,
