@@ -319,7 +319,7 @@ def test_a_completed_trial_tune_cut_before_its_epilogue_is_tagged_with_its_newes
 
 
 # ---------------------------------------------------------------------------------------------------
-# Resume after the driver is killed
+# Resume after Ctrl-C (a killed driver: tests/test_study.py, whose sweep is restored after a SIGKILL)
 
 
 def _terminated_and_open(sweep_dir: Path) -> tuple[set[str], set[str]]:
@@ -344,7 +344,7 @@ def _trial_footprint(sweep_dir: Path, trial_id: str) -> dict:
     return {"results": [json.loads(line)["epoch"] for line in results], "files": files}
 
 
-def test_sweep_killed_mid_run_resumes_without_rerunning_finished_trials(ray_session, tmp_path):
+def test_sweep_interrupted_mid_run_says_so_and_resumes_without_rerunning_finished_trials(ray_session, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
     overrides = tiny_overrides(tmp_path, "resume", max_concurrent_trials="1", **{
         "scheduler.type": "fifo",
@@ -370,15 +370,20 @@ def test_sweep_killed_mid_run_resumes_without_rerunning_finished_trials(ray_sess
             time.sleep(1)
         if driver.poll() is not None:
             pytest.fail(f"the sweep ended before it could be killed:\n{(tmp_path / 'first.log').read_text()[-3000:]}")
-        driver.send_signal(signal.SIGKILL)  # the driver dies without any chance to clean up
-        driver.wait(timeout=30)
-    assert done, f"no trial finished in time:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
+        driver.send_signal(signal.SIGINT)  # Ctrl-C: Tune stops its run; the trials it cut read TERMINATED
+        code = driver.wait(timeout=120)
+    first = (tmp_path / "first.log").read_text()
+    assert done, f"no trial finished in time:\n{first[-3000:]}"
+    # an interrupted sweep is not a finished one: no table, no best config, its run KILLED, how to go on
+    assert code == 130 and f"mocoray sweep --resume {sweep_dir}" in first, first[-3000:]
+    assert not (sweep_dir / "trials.csv").exists() and not (sweep_dir / "best_config.yaml").exists()
     before = {t: _trial_footprint(sweep_dir, t) for t in done}
     c = mlflow.MlflowClient(uri)
     parent_id = c.search_runs([c.get_experiment_by_name("sweep-tests").experiment_id],
                               filter_string=f"tags.`{JOB_TAG}` = 'sweep'")[0].info.run_id
     history_before = {r.data.tags["mocoray.trial_id"]: len(c.get_metric_history(r.info.run_id, "loss"))
                       for r in children_of(uri, "sweep-tests", parent_id)}
+    assert c.get_run(parent_id).info.status == "KILLED"
 
     resumed = subprocess.run([*cmd, "--resume", str(sweep_dir), "--address", address], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=400)

@@ -4,6 +4,7 @@ its run in a known state before the process exits with 128 + the signal number (
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -54,6 +55,38 @@ def signals_raise() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def tune_stops_on_signal() -> Iterator[threading.Event]:
+    """Around `tuner.fit()` on the main thread: SIGINT or SIGTERM sets the event it yields and asks Tune to end
+    its run (Tune's SIGUSR1), saving its state for `Tuner.restore`.
+
+    Tune's own SIGINT handler leaves no trace: once it has cleaned up, an interrupted run's trials read as
+    TERMINATED, as if the sweep had ended; the event says otherwise. Off the main thread nothing is installed."""
+    stopped = threading.Event()
+    if not _on_main_thread():
+        yield stopped
+        return
+
+    def _stop(signum: int, _frame) -> None:
+        if stopped.is_set():  # a second signal: stop waiting for Tune's clean-up
+            raise KeyboardInterrupt
+        stopped.set()
+        signal.raise_signal(signal.SIGUSR1)
+
+    previous = {s: signal.signal(s, _stop) for s in HANDLED}
+    tune_sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours sees it first; Tune's SIGUSR1 handler still ends the run
+    try:
+        yield stopped
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if tune_sigint is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = tune_sigint
 
 
 def fit(trainer) -> Any:

@@ -46,7 +46,7 @@ from ...tracking.client import (
     start_run,
 )
 from ...tracking.describe import SOURCE_NAME_TAG, TRIAL_TAG, source_name, update_description
-from .. import console
+from .. import console, interrupts
 from ..pretrain.driver import run_pretrain
 from ..runtime import init_ray, load_job_folder
 from .report import best_config, make_plots, pick_best, python_value, trial_rows, trial_run_name, trial_table
@@ -255,13 +255,16 @@ def run_sweep(
                 num_samples=sweep.num_samples, max_concurrent_trials=max_concurrent,
                 trial_name_creator=trial_dirname, trial_dirname_creator=trial_dirname,
             ),
+            # Tune's own status tables only with --verbose: the trials' lines and the final table say it all
             run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage_path, callbacks=callbacks,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      verbose=None if console.log_to_driver() else 0),
         )
-    results = tuner.fit()
+    with interrupts.tune_stops_on_signal() as stopped:
+        results = tuner.fit()
     console.flush()
 
-    if len(results) > results.num_terminated + results.num_errors:
+    if stopped.is_set() or len(results) > results.num_terminated + results.num_errors:
         if parent_id:
             safely("end of the sweep run", end_run, uri, parent_id, "KILLED", {STATUS_TAG: "interrupted"})
         print(f"[mocoray] sweep interrupted; continue it with: mocoray sweep --resume {sweep_dir}")
