@@ -79,9 +79,11 @@ def _final_state(res) -> dict:
             "train": torch.load(d / "train_state.pt", weights_only=True)}
 
 
-# MoCo v3 (no queue, BN MLP heads synchronised across the 2 workers, predictor, AdamW, cosine momentum).
+# MoCo v3 (no queue, BN MLP heads synchronised across the 2 workers, predictor, AdamW). Its momentum is a
+# function of the step, like the lr: the resume test keeps both constant, as a cosine over `optim.epochs` would
+# differ between a 2-epoch run extended to 3 and a 3-epoch run (the restart test checks the cosine momentum).
 V3_TINY = {"moco.version": 3, "moco.hidden_dim": 64, "moco.dim": 32, "optim.optimizer": "adamw", "optim.lr": 1e-3,
-           "optim.weight_decay": 0.1, "moco.momentum_schedule": "cosine"}
+           "optim.weight_decay": 0.1}
 
 
 def _overrides(tmp_path: Path, name: str, version: str, **extra) -> list[str]:
@@ -118,9 +120,8 @@ def test_resumed_run_continues_exactly(ray_session, tmp_path, version):
     for pid, st in a["optimizer"]["state"].items():  # SGD's momentum buffers; AdamW's moments and step
         for name, value in st.items():
             assert torch.allclose(value.float(), b["optimizer"]["state"][pid][name].float(), atol=1e-5), (pid, name)
-    # the epoch after the resume point has the same loss as the uninterrupted run's, and the same momentum
+    # the epoch after the resume point has the same loss as the uninterrupted run's
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
-    assert resumed.metrics["momentum"] == pytest.approx(straight.metrics["momentum"], abs=1e-12)
     client = _client(tmp_path)
     assert _history(client, resumed.mlflow_run_id, "loss") == [1, 2, 3]  # one MLflow run, continued
 
