@@ -96,6 +96,7 @@ def test_weight_decay_skips_biases_and_norm_parameters():
     (["model.freeze_patch_embed=true"], "model.freeze_patch_embed=true needs a ViT model.arch"),
     (["model.arch=vit_small_patch16_224", "data.image_size=32"], "takes 224 px images"),
     (["moco.version=4"], "moco.version"),
+    (["optim.optimizer=adamw"], "optim.optimizer='adamw' is for moco.version v3"),
 ])
 def test_config_refuses_what_v3_or_a_vit_cannot_take(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -111,3 +112,17 @@ def test_config_accepts_version_3_as_a_number():
 def test_detection_refuses_a_vit_encoder():
     with pytest.raises(ValueError, match="'vit_tiny_patch4_32' is a ViT: detection transfer takes ResNet"):
         build_detector("vit_tiny_patch4_32", num_classes=2)
+
+
+def test_lars_scales_matrix_steps_by_the_trust_ratio_and_leaves_biases_plain():
+    from mocoray.core.lars import LARS
+
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # norm 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([w, b], lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=0.01)
+    w.grad, b.grad = torch.tensor([[0.7, 0.6]]), torch.tensor([2.0])
+    opt.step()
+    update = torch.tensor([[0.7, 0.6]]) + 0.1 * torch.tensor([[3.0, 4.0]])  # [[1.0, 1.0]], norm sqrt(2)
+    trust = 0.01 * 5.0 / 2.0 ** 0.5
+    torch.testing.assert_close(w.detach(), torch.tensor([[3.0, 4.0]]) - 0.5 * trust * update)
+    torch.testing.assert_close(b.detach(), torch.tensor([0.0]))  # 1 - 0.5 * 2: no decay, no trust ratio

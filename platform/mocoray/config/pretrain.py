@@ -116,8 +116,9 @@ class PretrainDataConfig(DataConfig):
 class OptimConfig(SGDConfig):
     """SGD (or AdamW) on the query encoder. Defaults: MoCo's 200-epoch ImageNet setting (lr 0.03 for batch 256)."""
 
-    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="adamw: MoCo v3's ViT optimiser (betas 0.9, 0.999; "
-                                                "optim.sgd_momentum unused)")
+    optimizer: Literal["sgd", "adamw", "lars"] = Field(
+        "sgd", description="v3 only for adamw / lars: adamw is MoCo v3's ViT optimiser (betas 0.9, 0.999; "
+        "optim.sgd_momentum unused), lars its ResNet one (trust coefficient 0.001)")
 
     batch_size: int = Field(256, ge=2, description="global batch, split evenly across workers")
     epochs: int = Field(200, ge=1)
@@ -226,6 +227,8 @@ class PretrainConfig(Section):
                     )
         if self.moco.bn_mode == "sync" and not self.run.use_gpu:
             raise ValueError("moco.bn_mode='sync' needs run.use_gpu=true (SyncBatchNorm has no CPU kernel)")
+        if self.optim.optimizer != "sgd" and self.moco.version != "v3":
+            raise ValueError(f"optim.optimizer={self.optim.optimizer!r} is for moco.version v3; v1/v2 train with sgd")
         vit_size = VIT_CONFIGS.get(self.model.arch, (self.data.image_size,))[0]
         if vit_size != self.data.image_size:
             raise ValueError(f"model.arch={self.model.arch!r} takes {vit_size} px images (its position embedding is "

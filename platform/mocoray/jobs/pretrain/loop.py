@@ -16,6 +16,7 @@ from ...core.backbones import build_backbone
 from ...core.bn_stats import average_bn_statistics
 from ...core.compiled import compile_encoders, make_sgd
 from ...core.distributed import all_reduce_sum
+from ...core.lars import LARS
 from ...core.moco import Encoder, MoCo, NonFiniteLossError, train_step, unwrap
 from ...core.moco_v3 import MoCoV3, build_moco_v3, weight_decay_groups
 from ...core.schedule import lr_at, momentum_at
@@ -65,13 +66,15 @@ def build_moco(cfg: PretrainConfig, bn_mode: str) -> MoCo | MoCoV3:
 
 def make_optimizer(model: MoCo | MoCoV3, cfg: PretrainConfig, device_type: str) -> torch.optim.Optimizer:
     """v1/v2: SGD on encoder_q, weight decay on every parameter (the papers'). v3: encoder_q and the
-    predictor, no weight decay on biases and norm parameters, SGD or AdamW."""
+    predictor, no weight decay on biases and norm parameters; SGD, AdamW (ViT) or LARS (ResNet)."""
     lr, wd = cfg.optim.effective_lr, cfg.optim.weight_decay
     if cfg.moco.version != "v3":
         return make_sgd(model.encoder_q.parameters(), lr, cfg.optim.sgd_momentum, wd, device_type)
     groups = weight_decay_groups(model, wd)
     if cfg.optim.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, fused=device_type == "cuda" or None)
+    if cfg.optim.optimizer == "lars":  # its own rule: weight decay and trust ratio on matrices only
+        return LARS([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd, momentum=cfg.optim.sgd_momentum)
     return make_sgd(groups, lr, cfg.optim.sgd_momentum, wd, device_type)
 
 
