@@ -126,3 +126,23 @@ def test_lars_scales_matrix_steps_by_the_trust_ratio_and_leaves_biases_plain():
     trust = 0.01 * 5.0 / 2.0 ** 0.5
     torch.testing.assert_close(w.detach(), torch.tensor([[3.0, 4.0]]) - 0.5 * trust * update)
     torch.testing.assert_close(b.detach(), torch.tensor([0.0]))  # 1 - 0.5 * 2: no decay, no trust ratio
+
+
+def test_linear_protocol_takes_a_vit_backbone_with_the_pooling_named_in_config(tmp_path):
+    from mocoray.encoders import EncoderSource
+    from mocoray.jobs.linear.features import build_frozen_backbone
+
+    torch.manual_seed(0)
+    trained = ViTBackbone("vit_tiny_patch4_32")
+    torch.save(trained.state_dict(), tmp_path / "backbone.pt")
+    source = EncoderSource(str(tmp_path / "backbone.pt"), "vit_tiny_patch4_32", False)
+    x = torch.randn(2, 3, 32, 32)
+    trained.eval()
+    for pool in ("cls", "mean"):
+        backbone, feat_dim = build_frozen_backbone(source, vit_pool=pool)
+        trained.set_pool(pool)
+        assert feat_dim == 128 and not any(p.requires_grad for p in backbone.parameters())
+        torch.testing.assert_close(backbone(x), trained(x))
+    with pytest.raises(ValueError, match="encoder.vit_pool='mean' is for ViT encoders"):
+        torch.save(build_backbone("small_resnet_slim")[0].state_dict(), tmp_path / "resnet.pt")
+        build_frozen_backbone(EncoderSource(str(tmp_path / "resnet.pt"), "small_resnet_slim", False), vit_pool="mean")
