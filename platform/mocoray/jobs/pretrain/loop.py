@@ -214,7 +214,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.moco.version != "v3" and cfg.moco.queue_size >= len(data.train) and rank == 0:
         runtime.console(f"warning: moco.queue_size={cfg.moco.queue_size} >= {len(data.train)} training images: "
                 "each image's own previous key will sit among its negatives; learning may stall")
-    bn_mode = resolve_bn_mode(cfg.moco.bn_mode, world, device.type)
+    # v3 shuffles no keys (its heads' BN is over the global batch); v1/v2 resolve their BN-leak handling per world
+    bn_mode = "none" if cfg.moco.version == "v3" else resolve_bn_mode(cfg.moco.bn_mode, world, device.type)
     torch.manual_seed(cfg.run.seed)  # identical initial model and queue on every rank
     model = build_moco(cfg, bn_mode).to(device)
     channels_last = cfg.run.channels_last
@@ -254,7 +255,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "logreg_top1": state.logreg_top1_init, "logreg_top1_init": state.logreg_top1_init}
             logger.metrics(init, step=0)
             logger.tags({"mocoray.bn_mode_effective": bn_mode, "mocoray.world_size": world})
-            runtime.console(f"{cfg.model.arch}, bn_mode {bn_mode} ({cfg.moco.bn_mode} requested), {world} worker(s), "
+            bn = ("MoCo v3 (heads' BN over the global batch)" if cfg.moco.version == "v3"
+                  else f"bn_mode {bn_mode} ({cfg.moco.bn_mode} requested)")
+            runtime.console(f"{cfg.model.arch}, {bn}, {world} worker(s), "
                     f"{len(data.train)} images, {len(loader)} steps/epoch; kNN top-1 at init {state.knn_top1_init:.4f}")
 
     metrics = {"knn_top1": state.knn_top1_last, "knn_top1_init": state.knn_top1_init}  # until an epoch ends
