@@ -97,6 +97,7 @@ def test_weight_decay_skips_biases_and_norm_parameters():
     (["model.arch=vit_small_patch16_224", "data.image_size=32"], "takes 224 px images"),
     (["moco.version=4"], "moco.version"),
     (["optim.optimizer=adamw"], "optim.optimizer='adamw' is for moco.version v3"),
+    (["moco.version=3", "run.compile=true"], "run.compile=true is for moco.version v1/v2"),
 ])
 def test_config_refuses_what_v3_or_a_vit_cannot_take(overrides, message):
     with pytest.raises(ConfigError, match=message):

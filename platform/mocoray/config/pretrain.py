@@ -227,6 +227,9 @@ class PretrainConfig(Section):
                     )
         if self.moco.bn_mode == "sync" and not self.run.use_gpu:
             raise ValueError("moco.bn_mode='sync' needs run.use_gpu=true (SyncBatchNorm has no CPU kernel)")
+        if self.run.compile and self.moco.version == "v3":
+            raise ValueError("run.compile=true is for moco.version v1/v2: v3's heads all-reduce their BN statistics "
+                             "inside the encoder, which a compiled graph would break around (not built)")
         if self.optim.optimizer != "sgd" and self.moco.version != "v3":
             raise ValueError(f"optim.optimizer={self.optim.optimizer!r} is for moco.version v3; v1/v2 train with sgd")
         vit_size = VIT_CONFIGS.get(self.model.arch, (self.data.image_size,))[0]
