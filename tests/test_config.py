@@ -13,7 +13,7 @@ from mocoray.config import ConfigError, PretrainConfig, flatten, load_config
     [
         ("moco.momentum=1.5", ["moco.momentum=1.5", "less than 1"]),
         ("moco.queue_size=0", ["moco.queue_size=0", "greater than or equal to 1"]),
-        ("moco.version=v4", ["moco.version='v4'", "'v1' or 'v2'"]),
+        ("moco.version=v4", ["moco.version='v4'", "'v1', 'v2' or 'v3'"]),
         ("moco.qeue_size=10", ["moco.qeue_size", "unknown field", "queue_size"]),
         ("moco.bn_mode=shufle", ["moco.bn_mode='shufle'", "'shuffle'", "'split'", "'sync'", "'none'"]),
         ("model.arch=resnet9", ["model.arch='resnet9'", "small_resnet"]),

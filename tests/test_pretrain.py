@@ -79,27 +79,47 @@ def _final_state(res) -> dict:
             "train": torch.load(d / "train_state.pt", weights_only=True)}
 
 
-def test_resumed_run_continues_exactly(ray_session, tmp_path):
+# MoCo v3 (no queue, BN MLP heads synchronised across the 2 workers, predictor, AdamW). Its momentum is a
+# function of the step, like the lr: the resume test keeps both constant, as a cosine over `optim.epochs` would
+# differ between a 2-epoch run extended to 3 and a 3-epoch run (the restart test checks the cosine momentum).
+V3_TINY = {"moco.version": 3, "moco.hidden_dim": 64, "moco.dim": 32, "optim.optimizer": "adamw", "optim.lr": 1e-3,
+           "optim.weight_decay": 0.1}
+
+
+def _overrides(tmp_path: Path, name: str, version: str, **extra) -> list[str]:
+    if version == "v2":
+        return tiny_pretrain_overrides(tmp_path, name, **extra)
+    queue_fields = ("moco.queue_size=", "moco.num_splits=")  # v3 refuses them
+    return [o for o in tiny_pretrain_overrides(tmp_path, name, **V3_TINY, **extra) if not o.startswith(queue_fields)]
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_resumed_run_continues_exactly(ray_session, tmp_path, version):
     common = {"run.num_workers": 2, "run.cpus_per_worker": 0.5, "optim.schedule": "constant",
               "run.keep_checkpoints": 5}
-    straight = run_pretrain(load_config(None, tiny_pretrain_overrides(tmp_path, "straight", **common,
-                                                                      **{"optim.epochs": 3})))
+    straight = run_pretrain(load_config(None, _overrides(tmp_path, "straight", version, **common,
+                                                         **{"optim.epochs": 3})))
     # stop after epoch 2 ...
-    first = run_pretrain(load_config(None, tiny_pretrain_overrides(tmp_path, "stopped", **common,
-                                                                   **{"optim.epochs": 2})))
+    first = run_pretrain(load_config(None, _overrides(tmp_path, "stopped", version, **common, **{"optim.epochs": 2})))
     assert first.metrics["epoch"] == 2
     # ... then continue the same run to epoch 3
-    resumed = run_pretrain(load_config(None, tiny_pretrain_overrides(tmp_path, "stopped", **common,
-                                                                     **{"optim.epochs": 3})), resume=True)
+    resumed = run_pretrain(load_config(None, _overrides(tmp_path, "stopped", version, **common,
+                                                        **{"optim.epochs": 3})), resume=True)
     assert resumed.metrics["epoch"] == 3
     a, b = _final_state(straight), _final_state(resumed)
     assert a["train"]["epoch"] == b["train"]["epoch"] == 3
     assert a["train"]["global_step"] == b["train"]["global_step"] == 12
-    assert int(a["model"]["queue.ptr"]) == int(b["model"]["queue.ptr"])
+    if version == "v2":
+        assert int(a["model"]["queue.ptr"]) == int(b["model"]["queue.ptr"])
+    else:  # the predictor is saved with the model; the key side has none; no queue
+        assert any(k.startswith("predictor.") for k in a["model"])
+        assert not any(k.startswith(("encoder_k.predictor", "queue.")) for k in a["model"])
+    assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.allclose(a["model"][key].float(), b["model"][key].float(), atol=1e-5), key
-    for pid, st in a["optimizer"]["state"].items():
-        assert torch.allclose(st["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"], atol=1e-5)
+    for pid, st in a["optimizer"]["state"].items():  # SGD's momentum buffers; AdamW's moments and step
+        for name, value in st.items():
+            assert torch.allclose(value.float(), b["optimizer"]["state"][pid][name].float(), atol=1e-5), (pid, name)
     # the epoch after the resume point has the same loss as the uninterrupted run's
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
     client = _client(tmp_path)
@@ -265,3 +285,25 @@ def test_precise_bn_monitor_evaluates_a_recalibrated_copy_and_leaves_the_run_unt
     running = evaluate_trained(backbone, data, off, cpu, False)
     assert running == evaluate_knn(backbone, data, off, cpu, False)
     assert recalibrated[0] > running[0] + 0.05  # statistics of the data, not of the noise
+
+
+def test_moco_v3_recipe_shortened_to_four_epochs_learns_on_scattered_digits(ray_session, tmp_path):
+    """experiments/digits_moco_v3.yaml (2 workers, heads' BN over both, symmetric loss over both workers' keys)
+    cut to 4 epochs, against the same encoder at random init with recalibrated BN statistics (the val split).
+
+    Measured: logistic regression 0.7985 vs 0.5135 at init (+0.285); kNN 0.5775 vs 0.5822 (-0.005): in 4 epochs
+    kNN does not move yet (the full 12-epoch recipe: kNN +0.098, logreg +0.374, README). The floor leaves ~0.035
+    of slack for another CPU's floating-point order."""
+    cfg = load_config(EXPERIMENTS / "digits_moco_v3.yaml", [
+        "optim.epochs=4", "knn.every=4", f"run.storage_path={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    res = run_pretrain(cfg)
+    m = res.metrics
+    print(f"\nv3, 4 epochs: kNN {m['knn_top1']:.4f} vs random init {m['knn_top1_init']:.4f} ({m['knn_margin']:+.4f}); "
+          f"logreg {m['logreg_top1']:.4f} vs {m['logreg_top1_init']:.4f} ({m['logreg_margin']:+.4f})")
+    assert m["logreg_margin"] >= 0.25 and m["logreg_top1"] >= 0.76  # measured +0.285, 0.7985
+    # the export is the query encoder's backbone, as for v2; the MLflow run names the version
+    net, _ = build_backbone("small_resnet_slim_wide")
+    net.load_state_dict(backbone_state_dict(res.backbone_path))
+    params = _client(tmp_path).get_run(res.mlflow_run_id).data.params
+    assert params["moco.version"] == "v3" and "moco.queue_size" not in params  # no K beside a v3 run in compare

@@ -132,8 +132,9 @@ def test_paper_recipes_and_torchvision_path():
 
     views = two_view_transform(moco_spec("v2", 32))(Image.new("RGB", (40, 50), (10, 200, 30)))
     assert views[0].shape == views[1].shape == (3, 32, 32)
-    with pytest.raises(ValueError, match="v3"):
-        moco_spec("v3", 32)
+    assert moco_spec("v3", 224) == v2  # v3 takes v2's views (BYOL's asymmetric ones are not built)
+    with pytest.raises(ValueError, match="'v4' is not one of v1, v2, v3"):
+        moco_spec("v4", 32)
 
 
 def test_backbones_sizes_and_feature_dims():

@@ -28,6 +28,8 @@ class EncoderConfig(Section):
         "required for bare files"
     )
     cifar_stem: bool | None = Field(None, description="default: like arch")
+    vit_pool: Literal["cls", "mean"] = Field("cls", description="a ViT's features: the class token (MoCo v3's "
+                                             "choice) or the average of its patch tokens; ViT encoders only")
 
     @field_validator("pretrain_run", "checkpoint", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..core.backbones import ARCHS
+from ..core.vit import VIT_CONFIGS
 from .common import DataConfig, RunConfig, Section, SGDConfig, TrackingConfig, load_recipe
 
 # What `mocoray pretrain` runs when no recipe is given: the CPU demo (experiments/ links to it).
@@ -17,10 +18,27 @@ DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "digits_mo
 class ModelConfig(Section):
     arch: Literal[ARCHS] = "resnet50"  # type: ignore[valid-type]
     cifar_stem: bool = False
+    freeze_patch_embed: bool = Field(False, description="ViT only: keep the random patch projection frozen "
+                                     "(MoCo v3's stability trick)")
+
+    @model_validator(mode="after")
+    def _vit_fields(self) -> ModelConfig:
+        vit = self.arch in VIT_CONFIGS
+        if self.freeze_patch_embed and not vit:
+            raise ValueError(f"model.freeze_patch_embed=true needs a ViT model.arch (one of {', '.join(VIT_CONFIGS)}), "
+                             f"not {self.arch!r}")
+        if self.cifar_stem and vit:
+            raise ValueError(f"model.cifar_stem=true is for ResNets; model.arch={self.arch!r} is a ViT")
+        return self
+
+
+# What only v1/v2 have (the queue, the one-layer-or-MLP head, the key-side BN-leak handling): set under v3
+# they would be silently ignored, so they are refused.
+QUEUE_ONLY_FIELDS = ("queue_size", "mlp", "head_bn", "bn_mode", "num_splits")
 
 
 class MocoConfig(Section):
-    version: Literal["v1", "v2"] = "v2"
+    version: Literal["v1", "v2", "v3"] = "v2"
     queue_size: int = Field(65536, ge=1, description="K, negatives in the dictionary")
     momentum: float = Field(0.999, ge=0.0, lt=1.0, description="m of the key encoder's moving average")
     momentum_schedule: Literal["constant", "cosine"] = Field(
@@ -33,6 +51,33 @@ class MocoConfig(Section):
                           "have it); needs the MLP head")
     bn_mode: Literal["shuffle", "split", "sync", "none"] = "shuffle"
     num_splits: int = Field(8, ge=1, description="sub-batches of SplitBatchNorm (bn_mode split)")
+    hidden_dim: int = Field(4096, ge=1, description="v3: hidden width of the projection and prediction MLPs")
+    proj_layers: int | None = Field(None, ge=1, description="v3: layers of the projection MLP; default 3 for a "
+                                    "ViT, 2 for a ResNet (the paper's)")
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_number(cls, value: object) -> object:
+        # `moco.version: 3` in YAML is an int; the version's name is "v3" everywhere else (params, compare).
+        return f"v{value}" if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _v3_has_no_queue(self) -> MocoConfig:
+        # Compared with the defaults, not with what was typed: workers re-validate the dumped config.
+        given = sorted(f"moco.{name}" for name in QUEUE_ONLY_FIELDS if getattr(self, name) != self._default(name))
+        if self.version == "v3" and given:
+            raise ValueError(f"moco.version v3 has no queue and its own BN MLP heads: remove {', '.join(given)} "
+                             f"(allowed under v1/v2 only); v3 uses moco.dim, moco.hidden_dim, moco.proj_layers")
+        if self.version != "v3":
+            given = sorted(f"moco.{name}" for name in ("hidden_dim", "proj_layers")
+                           if getattr(self, name) != self._default(name))
+            if given:
+                raise ValueError(f"{', '.join(given)}: v3's heads only; moco.version is {self.version!r}")
+        return self
+
+    @classmethod
+    def _default(cls, name: str) -> object:
+        return cls.model_fields[name].get_default(call_default_factory=True)
 
     @property
     def use_mlp(self) -> bool:
@@ -69,7 +114,11 @@ class PretrainDataConfig(DataConfig):
 
 
 class OptimConfig(SGDConfig):
-    """SGD on the query encoder. Defaults: MoCo's 200-epoch ImageNet setting (lr 0.03 for batch 256)."""
+    """SGD (or AdamW) on the query encoder. Defaults: MoCo's 200-epoch ImageNet setting (lr 0.03 for batch 256)."""
+
+    optimizer: Literal["sgd", "adamw", "lars"] = Field(
+        "sgd", description="v3 only for adamw / lars: adamw is MoCo v3's ViT optimiser (betas 0.9, 0.999; "
+        "optim.sgd_momentum unused), lars its ResNet one (trust coefficient 0.001)")
 
     batch_size: int = Field(256, ge=2, description="global batch, split evenly across workers")
     epochs: int = Field(200, ge=1)
@@ -169,7 +218,8 @@ class PretrainConfig(Section):
         for workers in self.run.world_sizes:
             self.optim.check_batch_divides(workers, why)
             per_worker = self.optim.batch_size // workers
-            if self.moco.bn_mode == "split" or (self.moco.bn_mode == "shuffle" and workers == 1):
+            split_bn = self.moco.bn_mode == "split" or (self.moco.bn_mode == "shuffle" and workers == 1)
+            if split_bn and self.moco.version != "v3":  # v3's heads use global-batch BN, its keys no shuffle
                 if per_worker % self.moco.num_splits:
                     raise ValueError(
                         f"per-worker batch {per_worker} (optim.batch_size / {workers} workers) must be divisible "
@@ -177,6 +227,15 @@ class PretrainConfig(Section):
                     )
         if self.moco.bn_mode == "sync" and not self.run.use_gpu:
             raise ValueError("moco.bn_mode='sync' needs run.use_gpu=true (SyncBatchNorm has no CPU kernel)")
+        if self.run.compile and self.moco.version == "v3":
+            raise ValueError("run.compile=true is for moco.version v1/v2: v3's heads all-reduce their BN statistics "
+                             "inside the encoder, which a compiled graph would break around (not built)")
+        if self.optim.optimizer != "sgd" and self.moco.version != "v3":
+            raise ValueError(f"optim.optimizer={self.optim.optimizer!r} is for moco.version v3; v1/v2 train with sgd")
+        vit_size = VIT_CONFIGS.get(self.model.arch, (self.data.image_size,))[0]
+        if vit_size != self.data.image_size:
+            raise ValueError(f"model.arch={self.model.arch!r} takes {vit_size} px images (its position embedding is "
+                             f"learned for that grid); data.image_size is {self.data.image_size}")
         if self.optim.warmup_epochs >= self.optim.epochs and self.optim.warmup_epochs > 0:
             raise ValueError(f"optim.warmup_epochs={self.optim.warmup_epochs} must be < optim.epochs={self.optim.epochs}")
         return self

@@ -44,13 +44,16 @@ class AugmentSpec:
 def moco_spec(version: str, size: int, blur: bool | None = None, crop_scale: tuple[float, float] = (0.2, 1.0),
               mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD
               ) -> AugmentSpec:
-    """The paper recipe for `version` ('v1' or 'v2') at `size` px; blur defaults to on above 64 px (v2)."""
+    """The paper recipe for `version` ('v1' or 'v2') at `size` px; blur defaults to on above 64 px (v2).
+
+    v3 takes v2's recipe: the paper's asymmetric views (BYOL's blur 1.0 / 0.1 and solarisation) are not built.
+    """
     if version == "v1":
         return AugmentSpec(size, crop_scale, (0.4, 0.4, 0.4, 0.4), 1.0, 0.2, 0.0, 0.5, mean, std)
-    if version == "v2":
+    if version in ("v2", "v3"):
         use_blur = size > 64 if blur is None else blur
         return AugmentSpec(size, crop_scale, (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5 if use_blur else 0.0, 0.5, mean, std)
-    raise ValueError(f"moco.version={version!r} is not one of v1, v2")
+    raise ValueError(f"moco.version={version!r} is not one of v1, v2, v3")
 
 
 def two_view_transform(spec: AugmentSpec):

@@ -1,10 +1,12 @@
-"""Backbones: torchvision ResNets (optionally with a CIFAR stem) and small ResNets for CPU runs."""
+"""Backbones: torchvision ResNets (optionally with a CIFAR stem), small ResNets for CPU runs, and ViTs."""
 
 from __future__ import annotations
 
 import torch
 import torchvision
 from torch import nn
+
+from .vit import VIT_CONFIGS, ViTBackbone
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 # Small ResNets by name, as torchvision names its widths (wide_resnet50_2): a name is all a checkpoint, an
@@ -19,7 +21,7 @@ SMALL_RESNETS = {
     "small_resnet_slim": (16, 32, 64, 128),
     "small_resnet_slim_wide": (16, 32, 64, 256),
 }
-ARCHS = (*TORCHVISION_ARCHS, *SMALL_RESNETS)
+ARCHS = (*TORCHVISION_ARCHS, *SMALL_RESNETS, *VIT_CONFIGS)
 
 
 class BasicBlock(nn.Module):
@@ -68,6 +70,9 @@ def build_backbone(arch: str, cifar_stem: bool = False) -> tuple[nn.Module, int]
     if arch in SMALL_RESNETS:
         net = SmallResNet(SMALL_RESNETS[arch])
         return net, net.out_dim
+    if arch in VIT_CONFIGS:
+        vit = ViTBackbone(arch)
+        return vit, vit.out_dim
     if arch not in TORCHVISION_ARCHS:
         raise ValueError(f"model.arch={arch!r} is not one of {', '.join(ARCHS)}")
     net = getattr(torchvision.models, arch)(weights=None)

@@ -38,10 +38,11 @@ def projection_head(in_dim: int, out_dim: int, mlp: bool, bn: bool = False) -> n
 class Encoder(nn.Module):
     """Backbone followed by the projection head. The backbone is what downstream tasks keep."""
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, dim: int, mlp: bool, head_bn: bool = False) -> None:
+    def __init__(self, backbone: nn.Module, feat_dim: int, dim: int, mlp: bool, head_bn: bool = False,
+                 head: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = projection_head(feat_dim, dim, mlp, head_bn)
+        self.head = head if head is not None else projection_head(feat_dim, dim, mlp, head_bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -69,8 +70,9 @@ def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
 @dataclass
 class MoCoOutput:
     loss: torch.Tensor
-    logits: torch.Tensor
-    keys: torch.Tensor  # the global batch's keys in rank order: what every rank enqueues
+    logits: torch.Tensor | None  # v1/v2: [q.k+, q.queue] / tau
+    keys: torch.Tensor | None  # v1/v2: the global batch's keys in rank order, what every rank enqueues; v3: None
+    accuracy: torch.Tensor | None = None  # v3 (no queue): top-1 of the positive among the global batch's keys
 
 
 class MoCo(nn.Module):
@@ -167,32 +169,37 @@ def train_step(
     autocast_dtype: torch.dtype | None = None,
     clip_grad_norm: float | None = None,
 ) -> StepResult:
-    """One MoCo step. `model` is a MoCo, possibly wrapped in DDP (which then syncs query gradients).
+    """One MoCo step. `model` is a MoCo or MoCoV3, possibly wrapped in DDP (which then syncs query gradients).
 
-    The keys are enqueued after the optimiser step, so the logits of this step saw the queue as it was.
+    The keys are enqueued after the optimiser step, so the logits of this step saw the queue as it was (v3
+    has no queue).
     """
     amp = torch.autocast(im_q.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with amp:
         out: MoCoOutput = model(im_q, im_k)
     # One host sync per step for all three numbers: on a GPU every .item() stalls the pipeline.
     bad, loss, acc = torch.stack(
-        [count_nonfinite_ranks(out.loss), out.loss.detach().float(), contrastive_accuracy(out.logits)]
+        [count_nonfinite_ranks(out.loss), out.loss.detach().float(),
+         out.accuracy if out.accuracy is not None else contrastive_accuracy(out.logits)]
     ).tolist()
     if bad:  # every rank sees the same count, so all stop at this step together
         raise NonFiniteLossError(f"loss is {loss} (non-finite) on {int(bad)} rank(s); stopping before it "
                                  "reaches the weights")
     optimizer.zero_grad(set_to_none=True)
+    # Everything that trains: encoder_q for v1/v2, encoder_q and the predictor for v3.
+    trainable = [p for p in unwrap(model).parameters() if p.requires_grad]
     if scaler is not None and scaler.is_enabled():
         scaler.scale(out.loss).backward()
         if clip_grad_norm:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(unwrap(model).encoder_q.parameters(), clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trainable, clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
     else:
         out.loss.backward()
         if clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(unwrap(model).encoder_q.parameters(), clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trainable, clip_grad_norm)
         optimizer.step()
-    unwrap(model).queue.enqueue(out.keys)
+    if out.keys is not None:
+        unwrap(model).queue.enqueue(out.keys)
     return StepResult(loss=loss, accuracy=acc)

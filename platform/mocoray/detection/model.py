@@ -41,6 +41,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..core.augment import IMAGENET_MEAN, IMAGENET_STD
 from ..core.backbones import SmallResNet, build_backbone
+from ..core.vit import VIT_CONFIGS
 
 LAYOUTS = ("c4", "fpn")
 NORMS = ("frozen", "bn", "syncbn")
@@ -143,6 +144,9 @@ def build_detector(
     fpn_channels / representation_size: FPN width and the MLP box head's width (fpn only).
     rcnn_options: any other FasterRCNN argument (rpn_post_nms_top_n_test, box_batch_size_per_image, ...).
     """
+    if arch in VIT_CONFIGS:
+        raise ValueError(f"encoder.arch={arch!r} is a ViT: detection transfer takes ResNet encoders (resnet*, "
+                         "small_resnet*); a ViT detector (ViTDet) is not built")
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}")
     if norm not in NORMS:

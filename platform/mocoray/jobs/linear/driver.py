@@ -80,7 +80,7 @@ def run_linear_eval(cfg: LinearConfig, address: str | None = None, resume: bool 
         raise ValueError("unfreeze_backbone needs linear.mode augmented or center (cached features never pass "
                          "gradients to the backbone)")
     encoder = resolve_encoder(cfg.encoder, cfg.tracking)
-    build_frozen_backbone(encoder, cfg.run.seed)  # load once here: a bad file fails before Ray starts
+    build_frozen_backbone(encoder, cfg.run.seed, cfg.encoder.vit_pool)  # load once here: a bad file fails before Ray starts
     for warning in check_linear_inputs(cfg):
         print(f"[mocoray] warning: {warning}", file=sys.stderr)
     return run_guarded(cfg.run, resume, address, LinearEvalFailed, lambda job: _fit(job, cfg, encoder, faults, resume))

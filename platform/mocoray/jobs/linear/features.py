@@ -13,6 +13,7 @@ from ...core.amp import autocast
 from ...core.augment import AugmentSpec, BatchAugment, normalize_batch
 from ...core.distributed import rank_world
 from ...core.features import extract_features
+from ...core.vit import ViTBackbone
 from ...data import image_batches
 from ...data.base import Resized, SkipCorrupt, TensorImages, Transformed, collate_batch, to_uint8_tensor
 from ...encoders import EncoderSource, load_backbone
@@ -22,10 +23,14 @@ class BackboneChangedError(RuntimeError):
     """The frozen backbone's weights or BN statistics moved during linear evaluation."""
 
 
-def build_frozen_backbone(encoder: EncoderSource, seed: int = 0) -> tuple[nn.Module, int]:
+def build_frozen_backbone(encoder: EncoderSource, seed: int = 0, vit_pool: str = "cls") -> tuple[nn.Module, int]:
     """The encoder's backbone, frozen: eval mode (BN uses its running statistics and never updates them)
-    and requires_grad False."""
+    and requires_grad False. A ViT gives its class token or its mean patch token (`vit_pool`)."""
     backbone, feat_dim = load_backbone(encoder, seed)
+    if isinstance(backbone, ViTBackbone):
+        backbone.set_pool(vit_pool)
+    elif vit_pool != "cls":
+        raise ValueError(f"encoder.vit_pool={vit_pool!r} is for ViT encoders; {encoder.arch} is not one")
     backbone.requires_grad_(False)
     backbone.eval()
     return backbone, feat_dim

@@ -146,7 +146,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_center = center_views(train_raw, size, cfg.linear.val_resize) if mode != "augmented" else None
     val_center = center_views(val_raw, size, cfg.linear.val_resize)
 
-    backbone, feat_dim = build_frozen_backbone(encoder, cfg.run.seed)
+    backbone, feat_dim = build_frozen_backbone(encoder, cfg.run.seed, cfg.encoder.vit_pool)
     backbone.to(device)
     if cfg.run.channels_last:
         backbone.to(memory_format=torch.channels_last)

@@ -21,6 +21,7 @@ from ...checkpoints import (
     newest_good_checkpoint,
 )
 from ...config import PretrainConfig, dump_yaml, flatten
+from ...config.pretrain import QUEUE_ONLY_FIELDS
 from ...data.fingerprint import dataset_records
 from ...encoders import export_backbone
 from ...tracking.artifacts import encoder_info, record_encoder, record_job_start
@@ -171,8 +172,10 @@ def _open_tracking(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint 
             **(extra_tags or {})}
     if point and point.resumed_with:
         tags[RESUMED_WITH_TAG] = json.dumps(point.resumed_with, sort_keys=True)
-    job.open_tracking(uri, start_run, uri, cfg.tracking.experiment, cfg.run.name,
-                      flatten(cfg.model_dump(mode="json")), tags, job.run_dir)
+    params = flatten(cfg.model_dump(mode="json"))
+    if cfg.moco.version == "v3":  # no queue: a K of 65536 beside a v3 run in `compare` would be a false reading
+        params = {k: v for k, v in params.items() if k.removeprefix("moco.") not in QUEUE_ONLY_FIELDS}
+    job.open_tracking(uri, start_run, uri, cfg.tracking.experiment, cfg.run.name, params, tags, job.run_dir)
     record_job_start(job.tracking_uri, job.mlflow_run_id, dump_yaml(cfg),
                      lambda: dataset_records(cfg.data, pretraining=True))
     update_description(job.tracking_uri, job.mlflow_run_id)

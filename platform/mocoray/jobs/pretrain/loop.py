@@ -16,9 +16,12 @@ from ...core.backbones import build_backbone
 from ...core.bn_stats import average_bn_statistics
 from ...core.compiled import compile_encoders, make_sgd
 from ...core.distributed import all_reduce_sum
+from ...core.lars import LARS
 from ...core.moco import Encoder, MoCo, NonFiniteLossError, train_step, unwrap
+from ...core.moco_v3 import MoCoV3, build_moco_v3, weight_decay_groups
 from ...core.schedule import lr_at, momentum_at
 from ...core.shuffle_bn import resolve_bn_mode
+from ...core.vit import VIT_CONFIGS, freeze_patch_embed
 from ...data import build_pretrain_data
 from ...tracking.artifacts import log_environment
 from ...tracking.client import (
@@ -46,13 +49,33 @@ from .state import (
 from .views import TwoViews, train_loader, two_views
 
 
-def build_moco(cfg: PretrainConfig, bn_mode: str) -> MoCo:
+def build_moco(cfg: PretrainConfig, bn_mode: str) -> MoCo | MoCoV3:
     backbone, feat_dim = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
+    if cfg.model.freeze_patch_embed:
+        freeze_patch_embed(backbone)
+    if cfg.moco.version == "v3":  # its heads synchronise their own BN; the backbone's BN stays per worker
+        layers = cfg.moco.proj_layers or (3 if cfg.model.arch in VIT_CONFIGS else 2)
+        return build_moco_v3(backbone, feat_dim, cfg.moco.dim, cfg.moco.hidden_dim, layers, cfg.moco.momentum,
+                             cfg.moco.temperature)
     encoder = Encoder(backbone, feat_dim, cfg.moco.dim, cfg.moco.use_mlp, cfg.moco.head_bn)
     model = MoCo(encoder, cfg.moco.queue_size, cfg.moco.momentum, cfg.moco.temperature, bn_mode, cfg.moco.num_splits)
     if bn_mode == "sync":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def make_optimizer(model: MoCo | MoCoV3, cfg: PretrainConfig, device_type: str) -> torch.optim.Optimizer:
+    """v1/v2: SGD on encoder_q, weight decay on every parameter (the papers'). v3: encoder_q and the
+    predictor, no weight decay on biases and norm parameters; SGD, AdamW (ViT) or LARS (ResNet)."""
+    lr, wd = cfg.optim.effective_lr, cfg.optim.weight_decay
+    if cfg.moco.version != "v3":
+        return make_sgd(model.encoder_q.parameters(), lr, cfg.optim.sgd_momentum, wd, device_type)
+    groups = weight_decay_groups(model, wd)
+    if cfg.optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, fused=device_type == "cuda" or None)
+    if cfg.optim.optimizer == "lars":  # its own rule: weight decay and trust ratio on matrices only
+        return LARS([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd, momentum=cfg.optim.sgd_momentum)
+    return make_sgd(groups, lr, cfg.optim.sgd_momentum, wd, device_type)
 
 
 @dataclass
@@ -188,10 +211,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = runtime.worker_device(cfg.run)
 
     data = build_pretrain_data(cfg.data)
-    if cfg.moco.queue_size >= len(data.train) and rank == 0:
+    if cfg.moco.version != "v3" and cfg.moco.queue_size >= len(data.train) and rank == 0:
         runtime.console(f"warning: moco.queue_size={cfg.moco.queue_size} >= {len(data.train)} training images: "
                 "each image's own previous key will sit among its negatives; learning may stall")
-    bn_mode = resolve_bn_mode(cfg.moco.bn_mode, world, device.type)
+    # v3 shuffles no keys (its heads' BN is over the global batch); v1/v2 resolve their BN-leak handling per world
+    bn_mode = "none" if cfg.moco.version == "v3" else resolve_bn_mode(cfg.moco.bn_mode, world, device.type)
     torch.manual_seed(cfg.run.seed)  # identical initial model and queue on every rank
     model = build_moco(cfg, bn_mode).to(device)
     channels_last = cfg.run.channels_last
@@ -199,8 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)
     if cfg.run.compile:
         compile_encoders(model)
-    optimizer = make_sgd(model.encoder_q.parameters(), cfg.optim.effective_lr, cfg.optim.sgd_momentum,
-                         cfg.optim.weight_decay, device.type)
+    optimizer = make_optimizer(model, cfg, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16" and device.type == "cuda")
     torch.manual_seed(cfg.run.seed * 1000 + 1 + rank)  # augmentation randomness differs per rank
 
@@ -210,7 +233,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state = restore(start.checkpoint, model, optimizer, scaler, rank)
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=runtime.ddp_kwargs())
-        check_same_queue(model)
+        if cfg.moco.version != "v3":
+            check_same_queue(model)
     loader, sampler = train_loader(cfg, data.train, rank, world)
     if len(loader) == 0:
         raise ValueError(f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(data.train)} training images")
@@ -231,7 +255,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "logreg_top1": state.logreg_top1_init, "logreg_top1_init": state.logreg_top1_init}
             logger.metrics(init, step=0)
             logger.tags({"mocoray.bn_mode_effective": bn_mode, "mocoray.world_size": world})
-            runtime.console(f"{cfg.model.arch}, bn_mode {bn_mode} ({cfg.moco.bn_mode} requested), {world} worker(s), "
+            bn = ("MoCo v3 (heads' BN over the global batch)" if cfg.moco.version == "v3"
+                  else f"bn_mode {bn_mode} ({cfg.moco.bn_mode} requested)")
+            runtime.console(f"{cfg.model.arch}, {bn}, {world} worker(s), "
                     f"{len(data.train)} images, {len(loader)} steps/epoch; kNN top-1 at init {state.knn_top1_init:.4f}")
 
     metrics = {"knn_top1": state.knn_top1_last, "knn_top1_init": state.knn_top1_init}  # until an epoch ends
