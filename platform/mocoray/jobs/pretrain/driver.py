@@ -21,7 +21,9 @@ from ...checkpoints import (
     newest_good_checkpoint,
 )
 from ...config import PretrainConfig, dump_yaml, flatten
+from ...data import build_pretrain_data
 from ...data.fingerprint import dataset_records
+from ...data.ray_ingest import ingest_dataset
 from ...encoders import export_backbone
 from ...tracking.artifacts import encoder_info, record_encoder, record_job_start
 from ...tracking.client import (
@@ -47,6 +49,7 @@ from ..preemption import RECORD_FILE
 from ..preflight import check_pretrain_inputs
 from ..resume import ResumePoint, find_resume_point, record_config
 from .loop import train_loop_per_worker
+from .views import augment_spec
 
 
 @dataclass
@@ -90,6 +93,14 @@ def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
         if getattr(obj, name):
             setattr(obj, name, storage.absolute(getattr(obj, name)))
     return cfg
+
+
+def ingest_dataset_of(cfg: PretrainConfig):
+    """The Ray Dataset of `data.loader: ray`: whole global batches of two-view rows per epoch."""
+    train = build_pretrain_data(cfg.data).train
+    return ingest_dataset(train, len(train) // cfg.optim.batch_size * cfg.optim.batch_size, augment_spec(cfg),
+                          cfg.data.augment, cfg.run.seed, cfg.data.ingest.num_cpus, cfg.data.ingest.resources,
+                          cfg.data.ingest.batch_rows)
 
 
 def close_tracking(job: runtime.JobRun, status: str, tags: dict[str, str]) -> str | None:
@@ -190,7 +201,8 @@ def _fit(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None, re
                                   unsent_url=storage.join(job.run_dir, UNSENT_FILE))
     trainer = runtime.make_torch_trainer(train_loop_per_worker, loop_config, cfg.run, job.storage_path, callbacks,
                                          resize_check_s=cfg.run.resize_check_s if cfg.run.elastic else None,
-                                         max_preemptions=cfg.run.max_preemptions)
+                                         max_preemptions=cfg.run.max_preemptions,
+                                         datasets={"train": ingest_dataset_of(cfg)} if cfg.data.loader == "ray" else None)
     try:
         result = runtime.fit(trainer)
     except Exception as err:
