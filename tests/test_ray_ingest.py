@@ -19,7 +19,7 @@ from mocoray.core.augment import BatchAugment, moco_spec, two_view_transform
 from mocoray.data.base import TensorImages, to_uint8_tensor
 from mocoray.data.ray_ingest import make_two_views
 
-TRAIN_IMAGES, CORRUPT, VAL_IMAGES = 2045, 3, 512  # 2048 files: 16 global batches of 128
+TRAIN_IMAGES, CORRUPT, VAL_IMAGES = 1021, 3, 256  # 1024 files: 8 global batches of 128
 EPOCHS = 2  # then resumed for one more
 
 
@@ -60,7 +60,9 @@ def ingest_cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ingest_run(ingest_cluster, digit_folder, tmp_path_factory):
     """The README demo's recipe on the digit folder with `data.loader: ray`, ingest pinned to the ingest node:
-    EPOCHS epochs, then resumed at that epoch boundary for one more. Every step's sample ids are recorded."""
+    EPOCHS epochs with a checkpoint after every step, in which a worker dies in the second epoch after its first
+    step (the group restarts from that mid-epoch checkpoint); then resumed at the last epoch boundary for one
+    more epoch. Every step's sample ids are recorded."""
     cluster, ingest = ingest_cluster
     tmp = tmp_path_factory.mktemp("ingest-run")
     overrides = [f"{k}={v}" for k, v in {
@@ -68,9 +70,10 @@ def ingest_run(ingest_cluster, digit_folder, tmp_path_factory):
         "data.ingest.num_cpus": 1, "data.ingest.resources": "{ingest: 1}", "run.num_workers": 2,
         "run.cpus_per_worker": 2, "run.name": "ray-ingest", "run.storage_path": tmp / "runs",
         "tracking.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "optim.epochs": EPOCHS, "knn.every": 1,
-        "knn.logreg": False}.items()]
+        "knn.logreg": False, "run.checkpoint_every_steps": 1, "run.max_failures": 1}.items()]
     recipe = str(EXPERIMENTS / "digits_moco_v2.yaml")
-    first = Driver(cluster, tmp / "first.log", overrides, {"batches_dir": str(tmp / "first")}, recipe=recipe)
+    crash = {"crash_at_epoch": 1, "crash_rank": 1, "crash_marker": str(tmp / "crashed")}
+    first = Driver(cluster, tmp / "first.log", overrides, {"batches_dir": str(tmp / "first"), **crash}, recipe=recipe)
     (tmp / "first").mkdir()
     res_first = first.result()
     (tmp / "resumed").mkdir()
@@ -104,16 +107,29 @@ def test_both_ranks_see_equal_disjoint_batches_every_step(ingest_run):
     steps = _batches(ingest_run["tmp"] / "first")
     per_epoch = (TRAIN_IMAGES + CORRUPT) // 128
     assert sorted(steps) == [(e, s) for e in range(EPOCHS) for s in range(per_epoch)]
-    for epoch in range(EPOCHS):
-        seen: list[int] = []
-        for s in range(per_epoch):
-            ranks = steps[(epoch, s)]
-            assert sorted(ranks) == [0, 1] and len(ranks[0]) == len(ranks[1]) == 64
-            assert not set(ranks[0]) & set(ranks[1])
-            seen += ranks[0] + ranks[1]
-        assert len(seen) == len(set(seen)) == TRAIN_IMAGES + CORRUPT  # every file once per epoch
+    for ranks in steps.values():
+        assert sorted(ranks) == [0, 1] and len(ranks[0]) == len(ranks[1]) == 64
+        assert not set(ranks[0]) & set(ranks[1])
+    seen = [i for s in range(per_epoch) for i in steps[(0, s)][0] + steps[(0, s)][1]]
+    assert len(seen) == len(set(seen)) == TRAIN_IMAGES + CORRUPT  # every file once in an uninterrupted epoch
     orders = [[i for s in range(per_epoch) for i in steps[(e, s)][0]] for e in range(EPOCHS)]
     assert orders[0] != orders[1]  # a fresh shuffle each epoch
+
+
+def test_a_restart_from_a_mid_epoch_checkpoint_trains_the_rest_of_the_epoch_on_a_fresh_pass(ingest_run):
+    """What docs/design.md states: a worker group restarted from the checkpoint after step s of an S-step epoch
+    trains steps s..S-1 on the first batches of a new shuffle. The epoch keeps S steps of whole batches, but
+    images of steps 0..s-1 can come again and exactly as many others are left out of the epoch."""
+    assert (ingest_run["tmp"] / "crashed").exists()
+    steps = _batches(ingest_run["tmp"] / "first")
+    per_epoch = (TRAIN_IMAGES + CORRUPT) // 128
+    before = {i for r in (0, 1) for i in steps[(1, 0)][r]}
+    after = [i for s in range(1, per_epoch) for r in (0, 1) for i in steps[(1, s)][r]]
+    assert len(after) == len(set(after)) == (per_epoch - 1) * 128
+    repeated = before & set(after)
+    left_out = TRAIN_IMAGES + CORRUPT - len(before | set(after))
+    print(f"\nmid-epoch restart after step 1 of {per_epoch}: {len(repeated)} images repeated, {left_out} left out")
+    assert len(repeated) == left_out > 0
 
 
 def test_corrupt_files_are_counted_once_each_per_epoch(ingest_run):
@@ -137,10 +153,18 @@ def test_resume_at_an_epoch_boundary_continues_with_the_next_epoch(ingest_run):
     assert meta["metrics"]["epoch"] == EPOCHS + 1
 
 
-def test_a_short_ray_ingest_pretraining_beats_random_init(ingest_run):
-    m = ingest_run["resumed"]["metrics"]
-    print(f"\nray ingest, {EPOCHS + 1} epochs: kNN {m['knn_top1']:.4f} vs random init {m['knn_top1_init']:.4f}")
-    assert m["knn_margin"] >= 0.05
+@pytest.mark.slow
+def test_the_readme_demo_learns_with_ray_ingest(ray_session, tmp_path):
+    """The README demo (24 epochs on scattered digits) with `data.loader: ray`, against random init with
+    recalibrated BN statistics, as `test_the_readme_demo_learns_on_scattered_digits` does for the torch loader.
+    Floors are that test's less 0.03 kNN (another sample order and other augmentation draws)."""
+    from mocoray.jobs.pretrain.driver import run_pretrain
+
+    cfg = load_config(EXPERIMENTS / "digits_moco_v2.yaml", [
+        "data.loader=ray", f"run.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    m = run_pretrain(cfg).metrics
+    print(f"\nray ingest: kNN {m['knn_top1']:.4f} vs random init {m['knn_top1_init']:.4f} (margin {m['knn_margin']:+.4f})")
+    assert m["knn_top1"] >= 0.75 and m["knn_margin"] >= 0.17
 
 
 # ------------------------------------------------------------------- the views, against the torch path's

@@ -82,9 +82,10 @@ class ShardLoader:
         batches = self.shard.iter_torch_batches(batch_size=self.per_rank_batch, drop_last=True,
                                                 prefetch_batches=self.prefetch_batches)
         for step, batch in enumerate(batches):
-            if step == len(self):
-                break
-            yield (batch["view_q"], batch["view_k"]), batch["id"], int(batch["replaced"].sum())
+            # After a mid-epoch resume the pass holds more batches than the epoch has steps left: the rest is
+            # read to the end, not abandoned, so that every rank's next pass starts from a finished one.
+            if step < len(self):
+                yield (batch["view_q"], batch["view_k"]), batch["id"], int(batch["replaced"].sum())
 
 
 def ray_train_loader(cfg: PretrainConfig, num_images: int, world: int) -> ShardLoader:
