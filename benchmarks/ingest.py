@@ -142,11 +142,11 @@ def on_two_nodes(args, train) -> list[list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--side", type=int, default=400, help="typical JPEG width (ImageNet's is ~400)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 32], help="view sizes (224, the demo's 32)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=12, help="timed batches per row")
+    parser.add_argument("--batches", type=int, default=24, help="timed batches per row (3 passes at the defaults)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--loader-workers", type=int, default=2)
     parser.add_argument("--ray-cpus", type=int, default=2)
