@@ -231,3 +231,27 @@ def test_parquet_without_an_image_column_is_refused_before_training_with_ray_ing
     with pytest.raises(ValueError, match="data.root: Parquet shard .*part-0.parquet has no 'image' column"):
         run_pretrain(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["data.loader=spark"], ["data.loader='spark'", "'torch' or 'ray'"]),
+    (["data.ingest.resources={CPU: 1}"], ["data.ingest.resources", "'CPU' is not a custom resource",
+                                         "data.ingest.num_cpus"]),
+    (["data.ingest.resources={ingest: 0}"], ["data.ingest.resources.ingest=0", "positive"]),
+    (["data.ingest.num_cpus=0"], ["data.ingest.num_cpus=0", "greater than 0"]),
+    (["data.loader=ray", "data.name=imagefolder", "data.root=/data", "data.decode=gpu"],
+     ["data.loader='ray'", "data.decode='cpu'"]),
+])
+def test_bad_ingest_settings_name_the_field_and_what_is_allowed(override, expected):
+    from mocoray.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override)
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_ingest_settings_default_to_the_torch_loader_and_take_custom_resources():
+    assert load_config(None, []).data.loader == "torch"
+    cfg = load_config(None, ["data.loader=ray", "data.ingest.resources={ingest: 0.01}", "data.ingest.num_cpus=2"])
+    assert cfg.data.ingest.resources == {"ingest": 0.01} and cfg.data.ingest.num_cpus == 2
