@@ -3,8 +3,9 @@
 Validated config -> MLflow run -> TorchTrainer(`loop.train_loop_per_worker`, ScalingConfig, RunConfig) -> fit ->
 export of the backbone -> result. Everything that can be checked without Ray is checked before Ray starts.
 Mid-epoch checkpoints (a spot reclaim notice, `run.checkpoint_every_steps`) record the step within the
-epoch; the epoch's global sample order does not depend on the number of workers (`data.sampler`), so a
-run resumes exactly where it stopped, on any world size of its elastic range.
+epoch; with `data.loader: torch` the epoch's global sample order does not depend on the number of workers
+(`data.sampler`), so a run resumes exactly where it stopped, on any world size of its elastic range (with
+`data.loader: ray` a resumed epoch trains its remaining steps on a fresh pass: docs/design.md, Ray Data ingest).
 """
 
 from __future__ import annotations
