@@ -21,11 +21,12 @@ where the consumer runs, and a node started with the custom resource `ingest`), 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 from pathlib import Path
 
-from _bench import ensure_mocoray_importable, machine_line, parse_with_smoke, table, tree_cpu_seconds
+from _bench import ensure_mocoray_importable, machine_line, parse_with_smoke, table
 
 ensure_mocoray_importable()
 
@@ -52,18 +53,39 @@ def config(size: int, batch: int, loader_workers: int):
                               f"data.loader_workers={loader_workers}"])
 
 
+def tree_cpu_seconds(root_pid: int) -> float:
+    """CPU seconds of a process tree, including what its ended processes used: a live process's own time plus
+    that of the children it has reaped (DataLoader workers that exit, Ray workers the raylet ends)."""
+    tick, children, cpu = os.sysconf("SC_CLK_TCK"), {}, {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+            cpu[int(entry.name)] = sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+    total, todo = 0.0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
 def consume(batches, warmup: int, limit: int) -> tuple[float, float, int]:
     """(pairs/s, CPU s per pair, pairs) over the batches after the first `warmup` ones (at most `limit`)."""
     pairs, t0, cpu0 = 0, 0.0, 0.0
     for n, (q, k) in enumerate(batches):
         if n == warmup:
-            t0, cpu0 = time.perf_counter(), tree_cpu_seconds(os.getpid()) or 0.0
+            t0, cpu0 = time.perf_counter(), tree_cpu_seconds(os.getpid())
         if n >= warmup:
             float(q.sum() + k.sum())
             pairs += q.shape[0]
         if n + 1 >= warmup + limit:
             break
-    wall, cpu = time.perf_counter() - t0, (tree_cpu_seconds(os.getpid()) or 0.0) - cpu0
+    wall, cpu = time.perf_counter() - t0, tree_cpu_seconds(os.getpid()) - cpu0
     return pairs / wall, cpu / max(pairs, 1), pairs
 
 
@@ -109,7 +131,11 @@ def compare(args, train) -> list[list[str]]:
                  lambda size=size: torch_batches(train, size, args.batch, args.loader_workers)),
                 (f"ray data, {args.ray_cpus} CPUs", lambda size=size: ray_batches(train, size, args.batch, 2))]
         for name, make in runs:
-            pps, cpu_per_pair, pairs = consume(make(), args.warmup, args.batches)
+            batches = make()
+            pps, cpu_per_pair, pairs = consume(batches, args.warmup, args.batches)
+            batches.close()  # ends this row's DataLoader workers before the next row is timed
+            del batches
+            gc.collect()
             rows.append([name, str(size), f"{pps:.0f}", f"{cpu_per_pair * 1000:.1f}", str(pairs)])
             print(rows[-1], flush=True)
     ray.shutdown()
