@@ -15,7 +15,8 @@ i.e. the cores one pair/s costs. Then, on a two-node Ray (`ray.cluster_utils.Clu
 where the consumer runs, and a node started with the custom resource `ingest`), the same pipeline with
 `data.ingest.resources: {ingest: 1}` and the node each map task ran on (Ray's state API).
 
-`--smoke` (what the tests run): 48 small images, batches of 8, the same code path and tables.
+`--smoke` (what the tests run): 48 small images, batches of 8, the same code path and tables; `--address` joins
+a running Ray for the side-by-side rows (the two-node part always starts its own).
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def compare(args, train) -> list[list[str]]:
     for size in args.sizes:
         runs = [(f"torch, {args.loader_workers} loader workers",
                  lambda size=size: torch_batches(train, size, args.batch, args.loader_workers)),
-                (f"ray data, {args.ray_cpus} CPUs", lambda size=size: ray_batches(train, size, args.batch, 2))]
+                (f"ray data, {int(ray.cluster_resources()['CPU'])} CPUs", lambda size=size: ray_batches(train, size, args.batch, 2))]
         for name, make in runs:
             batches = make()
             pps, cpu_per_pair, pairs = consume(batches, args.warmup, args.batches)
@@ -150,11 +151,13 @@ def on_two_nodes(args, train) -> list[list[str]]:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
     ingest = cluster.add_node(num_cpus=2, resources={"ingest": 2})
     try:
-        ray.init(address=cluster.address)
+        context = ray.init(address=cluster.address)
         cluster.wait_for_nodes()
         ds = ray_dataset(train, args.sizes[-1], args.batch, {"ingest": 1})
         pairs = sum(b["view_q"].shape[0] for b in ds.iter_torch_batches(batch_size=args.batch, drop_last=True))
-        maps = [t for t in list_tasks(limit=10000, raise_on_missing_output=False)
+        # this cluster's own state API, not whichever Ray the environment points at
+        state_api = f"http://{context.dashboard_url}"
+        maps = [t for t in list_tasks(address=state_api, limit=10000, raise_on_missing_output=False)
                 if t.name.startswith("MapBatches(views)")]
         head_id, ingest_id = cluster.head_node.node_id, ingest.node_id
         consumer = ray.get_runtime_context().get_node_id()
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loader-workers", type=int, default=2)
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/mocoray-ingest-jpegs"))
+    parser.add_argument("--address", help="join this Ray for the side-by-side rows instead of starting one")
     args = parse_with_smoke(parser, argv, images=48, side=96, sizes=[64, 32], batch=8, batches=2, warmup=1,
                             loader_workers=1, folder=Path("/tmp/mocoray-ingest-jpegs-smoke"))
     import fsspec
@@ -190,7 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     print(machine_line())
     print(f"{len(train)} JPEGs of ~{args.side} px in {args.folder}; batches of {args.batch}, {args.batches} timed "
           f"after {args.warmup}\n")
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False)
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(num_cpus=args.ray_cpus, include_dashboard=False)
     rows = compare(args, train)
     print(table(["path", "view px", "pairs/s", "CPU ms/pair", "pairs timed"], rows))
     print()
