@@ -63,10 +63,11 @@ class LocalCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _start(self, name: str, args: list[str]) -> Node:
+    def _start(self, name: str, args: list[str], num_cpus: int = 1, resources: dict | None = None) -> Node:
         log = open(self.root / f"{name}.log", "w")
-        common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats",
-                  "--object-store-memory", str(200 * 1024**2), "--resources", json.dumps({f"node_{name}": 1}),
+        common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--disable-usage-stats",
+                  "--object-store-memory", str(200 * 1024**2),
+                  "--resources", json.dumps({f"node_{name}": 1, **(resources or {})}),
                   "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
                   "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
                   "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
@@ -75,19 +76,24 @@ class LocalCluster:
         log.close()
         return Node(name, proc)
 
-    def start(self) -> LocalCluster:
+    def start(self, num_cpus: int = 1) -> LocalCluster:
         self.head = self._start("head", [
             "--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-            str(self.dashboard), "--ray-client-server-port", str(free_port()), "--temp-dir", str(self.temp)])
+            str(self.dashboard), "--ray-client-server-port", str(free_port()), "--temp-dir", str(self.temp)], num_cpus)
         self._wait_alive(self.head)
         return self
 
-    def add_node(self) -> Node:
+    def add_node(self, num_cpus: int = 1, resources: dict | None = None) -> Node:
+        """A worker node with `num_cpus` CPUs and `resources` besides its own `node_<name>` resource."""
         self._count += 1
-        node = self._start(f"worker{self._count}", ["--address", self.address])
+        node = self._start(f"worker{self._count}", ["--address", self.address], num_cpus, resources)
         self._wait_alive(node)
         self.workers.append(node)
         return node
+
+    def tasks(self) -> list[dict]:
+        """Every task the cluster ran (name, node_id, state, ...), from Ray's state API."""
+        return self._state_api("tasks")
 
     def _state_api(self, what: str) -> list[dict]:
         url = f"http://127.0.0.1:{self.dashboard}/api/v0/{what}?limit=10000&detail=1"
@@ -174,8 +180,9 @@ class Driver:
     """`tests/cluster_driver.py` in its own process: one pretraining run on the cluster (see that file)."""
 
     def __init__(self, cluster: LocalCluster, log: Path, overrides: list[str], faults: dict | None = None,
-                 resume: bool = False, env: dict[str, str] | None = None) -> None:
-        spec = {"address": cluster.address, "overrides": overrides, "faults": faults or {}, "resume": resume}
+                 resume: bool = False, env: dict[str, str] | None = None, recipe: str | None = None) -> None:
+        spec = {"address": cluster.address, "recipe": recipe, "overrides": overrides, "faults": faults or {},
+                "resume": resume}
         self.log = log
         out = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cluster_driver.py")),

@@ -91,6 +91,28 @@ class MocoConfig(Section):
         return self
 
 
+class IngestConfig(Section):
+    """Where `data.loader: ray` reads, decodes and augments: the resources of each Ray Data map task."""
+
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs each ingest task holds")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom resources each ingest task needs, e.g. {ingest: 0.01} to run "
+        "only on nodes started with that resource (CPU-only ingest nodes)")
+    batch_rows: int = Field(64, ge=1, description="images per ingest task batch")
+    prefetch_batches: int = Field(2, ge=0, description="batches each training worker keeps ready ahead of its step")
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory") or not name:
+                raise ValueError(f"data.ingest.resources: {name!r} is not a custom resource name (CPUs are "
+                                 "data.ingest.num_cpus; ingest tasks take no GPU)")
+            if amount <= 0:
+                raise ValueError(f"data.ingest.resources.{name}={amount}: must be a positive amount")
+        return value
+
+
 class PretrainDataConfig(DataConfig):
     """The dataset plus the two-view augmentation's own fields."""
 
@@ -105,8 +127,16 @@ class PretrainDataConfig(DataConfig):
         "(nvJPEG on a GPU) and makes both views on its device (imagefolder/parquet; data.augment is then unused)"
     )
 
+    loader: Literal["torch", "ray"] = Field(
+        "torch", description="torch: a DataLoader in each training worker; ray: a Ray Data pipeline whose tasks "
+        "read, decode and make both views wherever data.ingest places them, streamed to the workers")
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+
     @model_validator(mode="after")
     def _decode_source(self) -> PretrainDataConfig:
+        if self.loader == "ray" and self.decode == "gpu":
+            raise ValueError("data.loader='ray' makes both views in the ingest tasks, so it needs data.decode='cpu' "
+                             "(data.decode='gpu' works with data.loader='torch')")
         if self.decode == "gpu" and self.name not in ("imagefolder", "parquet"):
             raise ValueError(f"data.decode='gpu' reads encoded image files: it needs data.name imagefolder or "
                              f"parquet, not {self.name!r} (whose images are already decoded in memory)")
@@ -250,6 +280,7 @@ RESUMABLE_FIELDS = (
     "run.num_workers", "run.use_gpu", "run.cpus_per_worker", "run.gpus_per_worker", "run.torch_threads",
     "run.max_failures", "run.checkpoint_every", "run.keep_checkpoints", "run.amp", "run.channels_last",
     "run.compile", "data.root", "data.val_root", "data.loader_workers", "data.augment", "data.decode",
+    "data.loader", "data.ingest.",
     "tracking.enabled", "tracking.tracking_uri",
 )
 

@@ -125,6 +125,10 @@ def _peek_shards(root: str, val_root: str | None, enough: int) -> tuple[int, int
     for shard in train_shards:
         with fs.open(shard, "rb") as f:
             meta = pq.read_metadata(f)
+        names = meta.schema.to_arrow_schema().names
+        if "image" not in names:  # read only by the workers, where a missing column would fail every worker
+            raise ValueError(f"data.root: Parquet shard {display(fs, shard)} has no 'image' column of encoded "
+                             f"images (columns: {', '.join(names)})")
         images += meta.num_rows
         if classes is None:
             names = classes_from_metadata(meta.schema.to_arrow_schema().metadata)

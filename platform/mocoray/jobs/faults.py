@@ -5,6 +5,7 @@ A job takes a `Faults` through its Python API (`run_pretrain(cfg, faults=...)`);
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -35,12 +36,15 @@ class Faults:
     # rank 0 first writes <pause_dir>/paused_<epoch>. The test does its deed in between.
     pause_after_epochs: tuple[int, ...] = ()
     pause_dir: str | None = None
+    # Every training step appends {"epoch", "step", "rank", "keys"} to <batches_dir>/rank<r>.jsonl: the batch's
+    # sample ids with data.loader=ray (its labels with the torch loader)
+    batches_dir: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if self.interrupt_driver_after_epoch is not None:
             d["driver_pid"] = os.getpid()
-        for key in ("crash_marker", "pause_dir"):
+        for key in ("crash_marker", "pause_dir", "batches_dir"):
             if d[key]:
                 d[key] = str(Path(d[key]).resolve())
         return d
@@ -63,6 +67,12 @@ class Faults:
             Path(self.pause_dir, f"paused_{epoch}").touch()
         while not Path(self.pause_dir, f"go_{epoch}").exists():
             time.sleep(0.2)
+
+    def record_batch(self, epoch: int, step: int, rank: int, keys: torch.Tensor) -> None:
+        if self.batches_dir:
+            line = json.dumps({"epoch": epoch, "step": step, "rank": rank, "keys": keys.tolist()})
+            with open(Path(self.batches_dir, f"rank{rank}.jsonl"), "a") as f:
+                f.write(line + "\n")
 
     def slow_down(self) -> None:
         if self.step_delay_s:

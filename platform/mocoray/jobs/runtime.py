@@ -266,9 +266,11 @@ class JobRun:
 
 
 def make_torch_trainer(train_fn, loop_config: dict, run: RunConfig, storage_path: str, callbacks: list | None = None,
-                       resize_check_s: float | None = None, max_preemptions: int = -1):
+                       resize_check_s: float | None = None, max_preemptions: int = -1, datasets: dict | None = None):
     """A TorchTrainer for `run`: workers, resources, storage, failures, checkpoints.
 
+    `datasets`: Ray Datasets for the workers' `ray.train.get_dataset_shard`, each split across the workers into
+    shards of equal row counts.
     A (min, max) `run.num_workers` makes it elastic, looking for more free workers every `resize_check_s`;
     restarts after node preemptions are counted apart from other failures (`max_preemptions`, -1: any).
     """
@@ -280,9 +282,12 @@ def make_torch_trainer(train_fn, loop_config: dict, run: RunConfig, storage_path
         resources["GPU"] = run.gpus_per_worker
     elastic = {} if resize_check_s is None else {"elastic_resize_monitor_interval_s": resize_check_s}
     filesystem, path = storage.arrow_filesystem(storage_path)
+    data = {} if not datasets else {"datasets": datasets,
+                                     "dataset_config": ray.train.DataConfig(datasets_to_split=list(datasets))}
     return TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
+        **data,
         scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
                                                resources_per_worker=resources, **elastic),
         run_config=ray.train.RunConfig(

@@ -3,8 +3,9 @@
 Validated config -> MLflow run -> TorchTrainer(`loop.train_loop_per_worker`, ScalingConfig, RunConfig) -> fit ->
 export of the backbone -> result. Everything that can be checked without Ray is checked before Ray starts.
 Mid-epoch checkpoints (a spot reclaim notice, `run.checkpoint_every_steps`) record the step within the
-epoch; the epoch's global sample order does not depend on the number of workers (`data.sampler`), so a
-run resumes exactly where it stopped, on any world size of its elastic range.
+epoch; with `data.loader: torch` the epoch's global sample order does not depend on the number of workers
+(`data.sampler`), so a run resumes exactly where it stopped, on any world size of its elastic range (with
+`data.loader: ray` a resumed epoch trains its remaining steps on a fresh pass: docs/design.md, Ray Data ingest).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from ...checkpoints import (
 )
 from ...config import PretrainConfig, dump_yaml, flatten
 from ...config.pretrain import QUEUE_ONLY_FIELDS
+from ...data import build_pretrain_data
 from ...data.fingerprint import dataset_records
+from ...data.ray_ingest import ingest_dataset
 from ...encoders import export_backbone
 from ...tracking.artifacts import encoder_info, record_encoder, record_job_start
 from ...tracking.client import (
@@ -48,6 +51,7 @@ from ..preemption import RECORD_FILE
 from ..preflight import check_pretrain_inputs
 from ..resume import ResumePoint, find_resume_point, record_config
 from .loop import train_loop_per_worker
+from .views import augment_spec
 
 
 @dataclass
@@ -91,6 +95,14 @@ def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
         if getattr(obj, name):
             setattr(obj, name, storage.absolute(getattr(obj, name)))
     return cfg
+
+
+def ingest_dataset_of(cfg: PretrainConfig):
+    """The Ray Dataset of `data.loader: ray`: whole global batches of two-view rows per epoch."""
+    train = build_pretrain_data(cfg.data).train
+    return ingest_dataset(train, len(train) // cfg.optim.batch_size * cfg.optim.batch_size, augment_spec(cfg),
+                          cfg.data.augment, cfg.run.seed, cfg.data.ingest.num_cpus, cfg.data.ingest.resources,
+                          cfg.data.ingest.batch_rows)
 
 
 def close_tracking(job: runtime.JobRun, status: str, tags: dict[str, str]) -> str | None:
@@ -193,7 +205,8 @@ def _fit(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None, re
                                   unsent_url=storage.join(job.run_dir, UNSENT_FILE))
     trainer = runtime.make_torch_trainer(train_loop_per_worker, loop_config, cfg.run, job.storage_path, callbacks,
                                          resize_check_s=cfg.run.resize_check_s if cfg.run.elastic else None,
-                                         max_preemptions=cfg.run.max_preemptions)
+                                         max_preemptions=cfg.run.max_preemptions,
+                                         datasets={"train": ingest_dataset_of(cfg)} if cfg.data.loader == "ray" else None)
     try:
         result = runtime.fit(trainer)
     except Exception as err:

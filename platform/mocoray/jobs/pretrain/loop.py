@@ -46,7 +46,7 @@ from .state import (
     start_attempt,
     starting_checkpoint,
 )
-from .views import TwoViews, train_loader, two_views
+from .views import TwoViews, ray_train_loader, train_loader, two_views
 
 
 def build_moco(cfg: PretrainConfig, bn_mode: str) -> MoCo | MoCoV3:
@@ -110,7 +110,7 @@ def train_one_epoch(model, loader, optimizer, scaler, views: TwoViews, cfg: Pret
     t0 = time.perf_counter()
     skipped = 0
     cur_lr, moco = lr, unwrap(model)
-    for i, (x, _labels, n_skipped) in enumerate(loader, start=start):
+    for i, (x, keys, n_skipped) in enumerate(loader, start=start):  # keys: labels (torch), sample ids (ray)
         if i == start + 1:
             faults.maybe_crash(epoch, rank)
         cur_lr = lr_at(epoch + i / steps, lr, cfg.optim.epochs, cfg.optim.schedule, cfg.optim.warmup_epochs,
@@ -119,6 +119,7 @@ def train_one_epoch(model, loader, optimizer, scaler, views: TwoViews, cfg: Pret
             group["lr"] = cur_lr
         moco.momentum = momentum_at((epoch + i / steps) / cfg.optim.epochs, cfg.moco.momentum,
                                     cfg.moco.momentum_schedule)
+        faults.record_batch(epoch, i, rank, keys)
         im_q, im_k, replaced = views(x, device)
         skipped += int(n_skipped) + replaced
         if channels_last:
@@ -235,7 +236,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=runtime.ddp_kwargs())
         if cfg.moco.version != "v3":
             check_same_queue(model)
-    loader, sampler = train_loader(cfg, data.train, rank, world)
+    if cfg.data.loader == "ray":
+        loader = sampler = ray_train_loader(cfg, len(data.train), world)
+    else:
+        loader, sampler = train_loader(cfg, data.train, rank, world)
     if len(loader) == 0:
         raise ValueError(f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(data.train)} training images")
     views = two_views(cfg)

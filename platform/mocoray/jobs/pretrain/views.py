@@ -55,6 +55,47 @@ def train_loader(cfg: PretrainConfig, dataset, rank: int, world: int) -> tuple[D
     return loader, sampler
 
 
+class ShardLoader:
+    """This rank's two-view batches from its Ray Data shard (`data.loader: ray`), shaped like `train_loader`'s:
+    `(views, sample ids, images replaced)` items, `len()` steps left in the epoch, and `sampler` for the epoch.
+
+    Every rank's shard holds the same number of rows (Ray Train splits with equal=True, and the pipeline keeps
+    whole global batches only), so every rank takes the same number of steps. A pass is a fresh shuffle: a run
+    resumed mid-epoch trains the epoch's remaining steps on the first batches of a new pass (see
+    docs/design.md, "Ray Data ingest").
+    """
+
+    def __init__(self, shard, per_rank_batch: int, steps_per_epoch: int, prefetch_batches: int) -> None:
+        self.shard, self.per_rank_batch, self.prefetch_batches = shard, per_rank_batch, prefetch_batches
+        self.steps_per_epoch, self.start_step = steps_per_epoch, 0
+        self.sampler = self
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside an epoch of {self.steps_per_epoch} steps")
+        self.start_step = start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self):
+        batches = self.shard.iter_torch_batches(batch_size=self.per_rank_batch, drop_last=True,
+                                                prefetch_batches=self.prefetch_batches)
+        for step, batch in enumerate(batches):
+            # After a mid-epoch resume the pass holds more batches than the epoch has steps left: the rest is
+            # read to the end, not abandoned, so that every rank's next pass starts from a finished one.
+            if step < len(self):
+                yield (batch["view_q"], batch["view_k"]), batch["id"], int(batch["replaced"].sum())
+
+
+def ray_train_loader(cfg: PretrainConfig, num_images: int, world: int) -> ShardLoader:
+    """The `data.loader: ray` counterpart of `train_loader`, inside a Ray Train worker."""
+    import ray.train
+
+    return ShardLoader(ray.train.get_dataset_shard("train"), cfg.optim.batch_size // world,
+                       num_images // cfg.optim.batch_size, cfg.data.ingest.prefetch_batches)
+
+
 TwoViews = Callable[[Any, torch.device], tuple[torch.Tensor, torch.Tensor, int]]
 
 
@@ -63,7 +104,7 @@ def two_views(cfg: PretrainConfig) -> TwoViews:
     spec = augment_spec(cfg)
     if cfg.data.decode == "gpu":
         return DeviceJpegAugment(spec).two_views
-    if cfg.data.augment == "device":
+    if cfg.data.augment == "device" and cfg.data.loader == "torch":
         augment = BatchAugment(spec)
         return lambda x, device: (*augment.two_views(x.to(device, non_blocking=True)), 0)
     return lambda x, device: (x[0].to(device, non_blocking=True), x[1].to(device, non_blocking=True), 0)
