@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/mocoray-ingest-jpegs"))
     parser.add_argument("--address", help="join this Ray for the side-by-side rows instead of starting one")
+    parser.add_argument("--no-two-nodes", action="store_true",
+                        help="leave out the two-node run (the tests prove placement in tests/test_ray_ingest.py)")
     args = parse_with_smoke(parser, argv, images=48, side=96, sizes=[64, 32], batch=8, batches=2, warmup=1,
                             loader_workers=1, folder=Path("/tmp/mocoray-ingest-jpegs-smoke"))
     import fsspec
@@ -200,8 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False)
     rows = compare(args, train)
     print(table(["path", "view px", "pairs/s", "CPU ms/pair", "pairs timed"], rows))
-    print()
-    print(table(["node", "node id", "map tasks", "pairs consumed"], on_two_nodes(args, train)))
+    if not args.no_two_nodes:
+        print()
+        print(table(["node", "node id", "map tasks", "pairs consumed"], on_two_nodes(args, train)))
 
 
 if __name__ == "__main__":
