@@ -58,8 +58,9 @@ def machine_line(device: str = "cpu") -> str:
     return ", ".join(parts)
 
 
-def tree_cpu_seconds(root_pid: int) -> float | None:
-    """User + system CPU seconds of a process and all its live descendants (Linux /proc)."""
+def tree_cpu_seconds(root_pid: int, reaped: bool = False) -> float | None:
+    """User + system CPU seconds of a process and all its live descendants (Linux /proc); with `reaped`, also
+    what the children they have already reaped used (DataLoader workers that exit, Ray workers the raylet ends)."""
     try:
         tick = os.sysconf("SC_CLK_TCK")
         children: dict[int, list[int]] = {}
@@ -74,7 +75,7 @@ def tree_cpu_seconds(root_pid: int) -> float | None:
                 continue
             pid = int(entry.name)
             children.setdefault(int(fields[1]), []).append(pid)
-            cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
+            cpu[pid] = sum(int(x) for x in fields[11 : 15 if reaped else 13]) / tick  # utime stime [cutime cstime]
     except (OSError, ValueError, IndexError):
         return None
     total, todo = 0.0, [root_pid]

@@ -27,7 +27,7 @@ import os
 import time
 from pathlib import Path
 
-from _bench import ensure_mocoray_importable, machine_line, parse_with_smoke, table
+from _bench import ensure_mocoray_importable, machine_line, parse_with_smoke, table, tree_cpu_seconds
 
 ensure_mocoray_importable()
 
@@ -54,39 +54,18 @@ def config(size: int, batch: int, loader_workers: int):
                               f"data.loader_workers={loader_workers}"])
 
 
-def tree_cpu_seconds(root_pid: int) -> float:
-    """CPU seconds of a process tree, including what its ended processes used: a live process's own time plus
-    that of the children it has reaped (DataLoader workers that exit, Ray workers the raylet ends)."""
-    tick, children, cpu = os.sysconf("SC_CLK_TCK"), {}, {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-            cpu[int(entry.name)] = sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
-    total, todo = 0.0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        total += cpu.get(pid, 0.0)
-        todo.extend(children.get(pid, []))
-    return total
-
-
 def consume(batches, warmup: int, limit: int) -> tuple[float, float, int]:
     """(pairs/s, CPU s per pair, pairs) over the batches after the first `warmup` ones (at most `limit`)."""
     pairs, t0, cpu0 = 0, 0.0, 0.0
     for n, (q, k) in enumerate(batches):
         if n == warmup:
-            t0, cpu0 = time.perf_counter(), tree_cpu_seconds(os.getpid())
+            t0, cpu0 = time.perf_counter(), tree_cpu_seconds(os.getpid(), reaped=True)
         if n >= warmup:
             float(q.sum() + k.sum())
             pairs += q.shape[0]
         if n + 1 >= warmup + limit:
             break
-    wall, cpu = time.perf_counter() - t0, tree_cpu_seconds(os.getpid()) - cpu0
+    wall, cpu = time.perf_counter() - t0, tree_cpu_seconds(os.getpid(), reaped=True) - cpu0
     return pairs / wall, cpu / max(pairs, 1), pairs
 
 
