@@ -103,8 +103,10 @@ class UiProcess:
 
     def __init__(self, args: list[str]) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), os.environ.get("PYTHONPATH", "")])}
+        # started with SIGINT ignored, as a non-interactive shell starts a background job: Ctrl-C must still stop it
         self.proc = subprocess.Popen([sys.executable, "-m", "mocoray.cli", "ui", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env)
+                                     stderr=subprocess.STDOUT, text=True, env=env,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
         threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stdout], daemon=True).start()

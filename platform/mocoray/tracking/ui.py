@@ -126,7 +126,9 @@ def serve(tracking_uri: str | None, host: str, port: int, experiment: str | None
                                 start_new_session=True)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the server like Ctrl-C
+    # Ctrl-C and SIGTERM both stop the server. SIGINT is set explicitly too: a process started in the background
+    # by a non-interactive shell (a CI script, `cmd &` in a job) inherits SIGINT ignored, and Ctrl-C would be lost.
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         print(f"[mocoray] starting the MLflow UI for {uri} (server log: {log})", flush=True)
         wait_until_up(proc, base, log)
@@ -140,4 +142,5 @@ def serve(tracking_uri: str | None, host: str, port: int, experiment: str | None
         return 0
     finally:
         stop(proc)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
