@@ -129,6 +129,18 @@ def test_plot_is_a_png_with_one_line_per_momentum(local_store, tmp_path):
                   str(tmp_path / "empty.png"), y="AP75")
 
 
+def test_version_column_reads_v2_for_runs_without_the_param_and_v3_rows_have_no_queue_size(tmp_path):
+    c = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.create_experiment("versions")
+    old = {k: v for k, v in _pretrain_params(4096, 0.99).items() if k != "moco.version"}  # logged by another tool
+    _run(c, exp, "old-v2", "pretrain", old, start=100)
+    _run(c, exp, "v3", "pretrain", {"moco.version": "v3", "model.arch": "vit_tiny_patch4_32", "moco.momentum": 0.99,
+                                    "moco.temperature": 0.2}, start=200)
+    rows = compare_table(c.tracking_uri, "versions").rows
+    assert [(r["run"], r["version"], r["K"], r["arch"]) for r in rows] == [
+        ("old-v2", "v2", 4096, "resnet18"), ("v3", "v3", None, "vit_tiny_patch4_32")]
+
+
 def test_compare_with_an_unreachable_server_says_so_and_not_that_the_filter_is_wrong(capsys):
     from conftest import free_port
 

@@ -296,6 +296,27 @@ def test_a_trial_run_ended_killed_by_the_sweep_keeps_that_status_when_its_own_pr
     assert failing.info.status == "FAILED" and failing.data.tags[STATUS_TAG] == "running"
 
 
+def test_a_stopped_trial_whose_process_released_its_run_key_is_still_closed_and_listed_with_its_run(tmp_path):
+    """ASHA stopping a trial at its first report can cut its first checkpoint short; a trial's process that then
+    fails used to free the run's name (its key) as for a plain failed run, and the sweep lost track of the run
+    (no run id in trials.csv). The sweep finds it by its trial id under the sweep's run."""
+    from mocoray.jobs.sweep.driver import _close_children
+    from mocoray.tracking.client import release_run_key, start_run
+    from mocoray.tracking.describe import TRIAL_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_run(uri, "keys", "sweep", {}, {JOB_TAG: "sweep"})
+    run_id = start_run(uri, "keys", "trial", {}, {JOB_TAG: "pretrain", SWEEP_RUN_TAG: parent, TRIAL_TAG: "t_00001"},
+                       run_key=str(tmp_path / "trial"))
+    release_run_key(uri, run_id)
+    rows = [{"run_dir": str(tmp_path / "trial"), "trial_id": "t_00001", "status": "early_stopped", "epochs": 1,
+             "planned_epochs": 3}]
+    _close_children(rows, uri, "keys", parent)
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    assert rows[0]["mlflow_run_id"] == run_id and run.info.status == "KILLED"
+    assert run.data.tags[STATUS_TAG] == "early_stopped"
+
+
 def test_a_completed_trial_tune_cut_before_its_epilogue_is_tagged_with_its_newest_complete_checkpoint(tmp_path):
     """ASHA can stop a trial at its last epoch: the trial never tags its final checkpoint, which linear
     evaluation (`--then-linear-eval`) and the study's downstream runs load. The sweep's close-up tags it."""

@@ -42,6 +42,9 @@ PARAMS = {
     "bn_mode": "moco.bn_mode",
 }
 PARAM_ALIASES = {"K": ("queue_size",), "m": ("momentum",), "tau": ("temperature",)}
+# A pretraining run without the param ran the config's default, v2 since the first release: an empty cell would
+# read as "unknown" beside v3 rows. (v3 runs have no moco.queue_size, so their K stays empty.)
+PARAM_DEFAULTS = {"moco.version": "v2"}
 # Downstream metric names: the final value first; detectron2's names after ours; the first present is used.
 LINEAR_METRICS = {
     "linear_top1": ("linear_top1_final", "linear_top1"),
@@ -223,7 +226,8 @@ def compare_table(
 
     rows = []
     for run in pretrain:
-        rid, params, metrics = run.info.run_id, effective_params(run.data.params, run.data.tags), run.data.metrics
+        rid, metrics = run.info.run_id, run.data.metrics
+        params = {**PARAM_DEFAULTS, **effective_params(run.data.params, run.data.tags)}
         row: dict[str, Any] = {"run_id": rid, "run": run.info.run_name}
         row.update({short: _number(params.get(long)) for short, long in PARAMS.items()})
         row["knn_top1"] = metrics.get("knn_top1")

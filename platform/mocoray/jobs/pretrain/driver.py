@@ -212,8 +212,12 @@ def _fit(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None, re
     except Exception as err:
         # a run already ended elsewhere keeps its status: Tune's early stop ends a trial's run KILLED, and
         # the trial's own process may see its Train controller torn down (and fail) after that
+        stopped = bool(job.mlflow_run_id) and safely(
+            "status of the run", run_status, job.tracking_uri, job.mlflow_run_id) not in (None, "RUNNING")
         job.end_tracking("FAILED", {STATUS_TAG: "failed"}, only_if_running=True)
-        freed = NAME_FREED if job.free_name_unless_checkpointed(point is not None) else ""
+        # ... and its folder and run key: a trial stopped at its first report (its first checkpoint cut short)
+        # is not a failure to run again, and the sweep finds the trial's run by that key
+        freed = NAME_FREED if not stopped and job.free_name_unless_checkpointed(point is not None) else ""
         raise PretrainFailed(f"pretraining run {cfg.run.name!r} failed: {err}{freed}") from err
 
     status = job.status() or {"status": "unknown"}

@@ -105,10 +105,17 @@ def run_trial(config: dict[str, Any], template: dict[str, Any], sweep_name: str,
 
 
 def _close_child(uri: str, experiment: str, run_key: str, status: str, tags: dict[str, str],
-                 only_if_running: bool = False) -> str | None:
-    """End a trial's MLflow run (found by its run key); returns its id, or None if it has none."""
+                 only_if_running: bool = False, parent_id: str | None = None, trial_id: str | None = None
+                 ) -> str | None:
+    """End a trial's MLflow run (found by its run key, else as the newest run of the sweep's `parent_id` tagged
+    `trial_id`); returns its id, or None if it has none."""
     c = client(uri)
-    run_id = find_run(c, experiment_id(c, experiment), run_key)
+    exp_id = experiment_id(c, experiment)
+    run_id = find_run(c, exp_id, run_key)
+    if run_id is None and parent_id and trial_id:  # a trial whose process released its key (it failed early)
+        runs = c.search_runs([exp_id], f"tags.`{SWEEP_RUN_TAG}` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+                             order_by=["attributes.start_time DESC"], max_results=1)
+        run_id = runs[0].info.run_id if runs else None
     if run_id:
         end_run(uri, run_id, status, tags, only_if_running=only_if_running)
     return run_id
@@ -130,7 +137,8 @@ def _early_stop_tags(epochs_run: int, epochs: int) -> dict[str, str]:
     return {STATUS_TAG: "early_stopped", "mocoray.epochs_run": str(epochs_run), "mocoray.epochs_planned": str(epochs)}
 
 
-def _early_stop_marker(uri: str, experiment: str, train_storage: str, sweep_name: str, epochs: int):
+def _early_stop_marker(uri: str, experiment: str, train_storage: str, sweep_name: str, epochs: int,
+                       parent_id: str | None = None):
     """A Tune callback: when Tune stops a trial early, its child run is ended KILLED and tagged early_stopped.
 
     Tune tears the trial's process (and so its TorchTrainer) down, so the trial cannot end its run itself.
@@ -144,7 +152,7 @@ def _early_stop_marker(uri: str, experiment: str, train_storage: str, sweep_name
             if done < planned:
                 run_key = f"{train_storage}/{trial_run_name(sweep_name, trial.trial_id)}"
                 safely("marking a trial early-stopped", _close_child, uri, experiment, run_key, "KILLED",
-                       _early_stop_tags(done, planned))
+                       _early_stop_tags(done, planned), parent_id=parent_id, trial_id=trial.trial_id)
 
     return EarlyStopMarker()
 
@@ -245,7 +253,7 @@ def run_sweep(
                                    resume_errored=retry_errored)
     else:
         callbacks = [_early_stop_marker(uri, base.tracking.experiment, train_storage, sweep.name,
-                                        base.optim.epochs)] if uri else []
+                                        base.optim.epochs, parent_id)] if uri else []
         callbacks += callbacks_given
         tuner = tune.Tuner(
             trainable,
@@ -272,7 +280,7 @@ def run_sweep(
     return _finish(sweep, base, results, sweep_dir, train_storage, uri, parent_id)
 
 
-def _close_children(rows: list[dict[str, Any]], uri: str, experiment: str) -> None:
+def _close_children(rows: list[dict[str, Any]], uri: str, experiment: str, parent_id: str | None = None) -> None:
     """End every trial's child run with the status the table gives it; record its run id in the row."""
     for row in rows:
         if row["status"] == "early_stopped":
@@ -282,7 +290,8 @@ def _close_children(rows: list[dict[str, Any]], uri: str, experiment: str) -> No
         else:
             status, tags, only_running = "FAILED", {STATUS_TAG: row["status"]}, True
         row["mlflow_run_id"] = safely("closing a trial run", _close_child, uri, experiment, row["run_dir"],
-                                      status, tags, only_if_running=only_running)
+                                      status, tags, only_if_running=only_running, parent_id=parent_id,
+                                      trial_id=row.get("trial_id"))
         if row["status"] == "completed" and row["mlflow_run_id"]:
             safely("tagging the trial's checkpoint", tag_final_checkpoint, uri, row["mlflow_run_id"], row["run_dir"])
 
@@ -321,7 +330,7 @@ def _finish(sweep: SweepConfig, base: PretrainConfig, results, sweep_dir: str, t
     for row in rows:
         row["mlflow_run_id"] = None
     if uri:
-        _close_children(rows, uri, base.tracking.experiment)
+        _close_children(rows, uri, base.tracking.experiment, parent_id)
     print(f"\n{trial_table(rows, sweep)}")
     remote = "://" in sweep_dir
     out = Path(tempfile.mkdtemp(prefix="mocoray-sweep-")) if remote else Path(sweep_dir)  # staged, then copied
