@@ -104,6 +104,8 @@ def test_ray_ingest_runs_its_map_tasks_on_the_ingest_node_and_training_elsewhere
     assert {t["node_id"] for t in maps} == {ingest.node_id}
     trainers = [a for a in cluster._state_api("actors") if a["class_name"] == "RayTrainWorker"]
     assert trainers and ingest.node_id not in {a["node_id"] for a in trainers}
+    clocks = [a for a in cluster._state_api("actors") if a["class_name"] == "PassClock"]
+    assert len(clocks) == 2 and {a["node_id"] for a in clocks} == {cluster.head.node_id}  # the drivers' node
 
 
 def _torch_path_batches(epoch: int) -> dict[int, dict[int, list[int]]]:

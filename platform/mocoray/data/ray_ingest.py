@@ -81,10 +81,14 @@ class PassClock:
 
 
 def start_clock():
+    """The run's `PassClock`, on the driver's node: a restarted clock would have forgotten the epoch, and the run
+    ends with that node anyway, not with a (spot) worker or ingest node."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     # no CPU: it must never wait for a slot the training workers or the ingest tasks hold
-    return ray.remote(num_cpus=0)(PassClock).remote()
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(PassClock).remote()
 
 
 _orders: dict[tuple[int, int, int], np.ndarray] = {}  # per ingest process: the latest epoch's order
