@@ -5,8 +5,9 @@ and feeds both paths from it with the pretraining job's own code:
 
 * torch: `jobs.pretrain.views.train_loader` (an `ImageFolderFS`, `data.augment: loader`, `--loader-workers`
   DataLoader processes) and `two_views`, in this process, as one Ray Train worker runs it.
-* ray: `data.ray_ingest.ingest_dataset` (shuffled ids, then read + decode + `two_view_transform` in
-  `map_batches` tasks of 1 CPU) on a local Ray of `--ray-cpus` CPUs, consumed by `iter_torch_batches` here.
+* ray: `data.ray_ingest.ingest_dataset` (each epoch's order, then read + decode + `two_view_transform` in
+  `map_batches` tasks of 1 CPU, served in order as Ray Train serves it) on a local Ray of `--ray-cpus` CPUs,
+  consumed by `iter_torch_batches` here.
 
 The consumer takes each batch's two views and sums them (no model: what is measured is what the data path
 delivers). Reported per path and image size, after `--warmup` batches: pairs/s delivered, and CPU seconds per
@@ -87,19 +88,28 @@ def torch_batches(train, size: int, batch: int, workers: int):
 
 
 def ray_dataset(train, size: int, batch: int, resources: dict[str, float]):
-    from mocoray.data.ray_ingest import ingest_dataset
+    """The pipeline and its `PassClock` (the epoch of each pass), executed in order as Ray Train executes it."""
+    from mocoray.data.ray_ingest import ingest_dataset, start_clock
     from mocoray.jobs.pretrain.views import augment_spec
 
     cfg = config(size, batch, 0)
-    return ingest_dataset(train, len(train) // batch * batch, augment_spec(cfg), "loader", 0, 1.0, resources,
-                          batch_rows=batch)
+    clock = start_clock()
+    ds = ingest_dataset(train, len(train) // batch * batch, augment_spec(cfg), "loader", 0, 1.0, resources,
+                        batch_rows=batch, global_batch=batch, clock=clock)
+    ds.context.execution_options.preserve_order = True
+    return ds, clock
 
 
 def ray_batches(train, size: int, batch: int, prefetch: int):
-    ds = ray_dataset(train, size, batch, {})
+    import ray
+
+    ds, clock = ray_dataset(train, size, batch, {})
+    epoch = 0
     while True:
+        ray.get(clock.set.remote(epoch, 0))
         for b in ds.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=prefetch):
             yield b["view_q"], b["view_k"]
+        epoch += 1
 
 
 def compare(args, train) -> list[list[str]]:
@@ -132,7 +142,7 @@ def on_two_nodes(args, train) -> list[list[str]]:
     try:
         context = ray.init(address=cluster.address)
         cluster.wait_for_nodes()
-        ds = ray_dataset(train, args.sizes[-1], args.batch, {"ingest": 1})
+        ds, _clock = ray_dataset(train, args.sizes[-1], args.batch, {"ingest": 1})
         pairs = sum(b["view_q"].shape[0] for b in ds.iter_torch_batches(batch_size=args.batch, drop_last=True))
         # this cluster's own state API, not whichever Ray the environment points at
         state_api = f"http://{context.dashboard_url}"

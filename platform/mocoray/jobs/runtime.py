@@ -270,7 +270,7 @@ def make_torch_trainer(train_fn, loop_config: dict, run: RunConfig, storage_path
     """A TorchTrainer for `run`: workers, resources, storage, failures, checkpoints.
 
     `datasets`: Ray Datasets for the workers' `ray.train.get_dataset_shard`, each split across the workers into
-    shards of equal row counts.
+    shards of equal row counts, served in order.
     A (min, max) `run.num_workers` makes it elastic, looking for more free workers every `resize_check_s`;
     restarts after node preemptions are counted apart from other failures (`max_preemptions`, -1: any).
     """
@@ -282,8 +282,15 @@ def make_torch_trainer(train_fn, loop_config: dict, run: RunConfig, storage_path
         resources["GPU"] = run.gpus_per_worker
     elastic = {} if resize_check_s is None else {"elastic_resize_monitor_interval_s": resize_check_s}
     filesystem, path = storage.arrow_filesystem(storage_path)
-    data = {} if not datasets else {"datasets": datasets,
-                                     "dataset_config": ray.train.DataConfig(datasets_to_split=list(datasets))}
+    data = {}
+    if datasets:
+        # in order: with Ray Data's default (first finished, first served) which rows a rank gets would change
+        # from one attempt to the next; in order, the split of an epoch's rows across ranks is the same in
+        # every attempt with as many workers
+        options = ray.train.DataConfig.default_ingest_options()
+        options.preserve_order = True
+        data = {"datasets": datasets, "dataset_config": ray.train.DataConfig(datasets_to_split=list(datasets),
+                                                                             execution_options=options)}
     return TorchTrainer(
         train_fn,
         train_loop_config=loop_config,

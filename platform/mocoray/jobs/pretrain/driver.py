@@ -4,8 +4,8 @@ Validated config -> MLflow run -> TorchTrainer(`loop.train_loop_per_worker`, Sca
 export of the backbone -> result. Everything that can be checked without Ray is checked before Ray starts.
 Mid-epoch checkpoints (a spot reclaim notice, `run.checkpoint_every_steps`) record the step within the
 epoch; with `data.loader: torch` the epoch's global sample order does not depend on the number of workers
-(`data.sampler`), so a run resumes exactly where it stopped, on any world size of its elastic range (with
-`data.loader: ray` a resumed epoch trains its remaining steps on a fresh pass: docs/design.md, Ray Data ingest).
+(`data.sampler`), so a run resumes exactly where it stopped, on any world size of its elastic range
+(`data.loader: ray` serves the same order: docs/design.md, Ray Data ingest).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ...config import PretrainConfig, dump_yaml, flatten
 from ...config.pretrain import QUEUE_ONLY_FIELDS
 from ...data import build_pretrain_data
 from ...data.fingerprint import dataset_records
-from ...data.ray_ingest import ingest_dataset
+from ...data.ray_ingest import ingest_dataset, start_clock
 from ...encoders import export_backbone
 from ...tracking.artifacts import encoder_info, record_encoder, record_job_start
 from ...tracking.client import (
@@ -97,12 +97,13 @@ def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     return cfg
 
 
-def ingest_dataset_of(cfg: PretrainConfig):
-    """The Ray Dataset of `data.loader: ray`: whole global batches of two-view rows per epoch."""
+def ingest_dataset_of(cfg: PretrainConfig, clock):
+    """The Ray Dataset of `data.loader: ray`: whole global batches of two-view rows per epoch, the epoch (and
+    first step) of each pass set on `clock` by the training workers."""
     train = build_pretrain_data(cfg.data).train
     return ingest_dataset(train, len(train) // cfg.optim.batch_size * cfg.optim.batch_size, augment_spec(cfg),
                           cfg.data.augment, cfg.run.seed, cfg.data.ingest.num_cpus, cfg.data.ingest.resources,
-                          cfg.data.ingest.batch_rows)
+                          cfg.data.ingest.batch_rows, cfg.optim.batch_size, clock)
 
 
 def close_tracking(job: runtime.JobRun, status: str, tags: dict[str, str]) -> str | None:
@@ -198,15 +199,16 @@ def _fit(job: runtime.JobRun, cfg: PretrainConfig, point: ResumePoint | None, re
     record_config(job.run_dir, cfg, point.resumed_with if point else {})
     if cfg.tracking.enabled:
         _open_tracking(job, cfg, point, extra_tags)
+    clock = start_clock() if cfg.data.loader == "ray" else None
     loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), resume_from=resume_from, run_dir=job.run_dir,
                                   newest_checkpoint=point.checkpoint if point else None,
                                   faults=(faults or Faults()).to_dict(),
                                   preemption_record=storage.join(job.run_dir, RECORD_FILE),
-                                  unsent_url=storage.join(job.run_dir, UNSENT_FILE))
+                                  unsent_url=storage.join(job.run_dir, UNSENT_FILE), ingest_clock=clock)
     trainer = runtime.make_torch_trainer(train_loop_per_worker, loop_config, cfg.run, job.storage_path, callbacks,
                                          resize_check_s=cfg.run.resize_check_s if cfg.run.elastic else None,
                                          max_preemptions=cfg.run.max_preemptions,
-                                         datasets={"train": ingest_dataset_of(cfg)} if cfg.data.loader == "ray" else None)
+                                         datasets={"train": ingest_dataset_of(cfg, clock)} if clock else None)
     try:
         result = runtime.fit(trainer)
     except Exception as err:

@@ -237,7 +237,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if cfg.moco.version != "v3":
             check_same_queue(model)
     if cfg.data.loader == "ray":
-        loader = sampler = ray_train_loader(cfg, len(data.train), world)
+        loader = sampler = ray_train_loader(cfg, len(data.train), world, loop_config["ingest_clock"])
     else:
         loader, sampler = train_loader(cfg, data.train, rank, world)
     if len(loader) == 0:
