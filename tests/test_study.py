@@ -108,6 +108,18 @@ def test_bad_sweep_inside_a_study_is_named_as_the_sweep_s_field(tmp_path, capsys
     assert "--set trails.top: unknown study field" in capsys.readouterr().err
 
 
+def test_a_study_of_vit_trials_with_detection_is_refused_before_the_sweep_runs(tmp_path, capsys):
+    recipe = study_recipe(tmp_path, "vit-detection", sweep=str(EXPERIMENTS / "sweep_digits_v3_tiny.yaml"))
+    path = write_recipe(tmp_path, recipe)
+    assert main(["study", str(path), "--set", f"storage_path={tmp_path / 'studies'}"]) == 2
+    err = capsys.readouterr().err
+    assert "detection: the sweep's trials include ViT encoders (model.arch=vit_tiny_patch4_32)" in err, err
+    assert not (tmp_path / "studies").exists()
+    # the same study without detection is a valid one (linear evaluation takes a ViT's class token)
+    recipe.pop("detection")
+    assert load_study_config(write_recipe(tmp_path, recipe)).kinds == ["linear"]
+
+
 def test_resume_of_a_folder_without_a_study_says_what_to_pass(tmp_path, capsys):
     assert main(["study", "--resume", str(tmp_path)]) == 1
     assert "is not a study folder (no study.yaml)" in capsys.readouterr().err

@@ -28,10 +28,12 @@ DESCRIPTION = ("The `mocoray` command: pretrain, linear-eval, detect, compare, s
                "make-parquet.")
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", nargs="?", help="YAML recipe (experiments/*.yaml); omitted: the embedded CPU demo")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set moco.queue_size=4096 (repeatable)")
+def _add_config_args(p: argparse.ArgumentParser,
+                     recipe_help: str = "YAML recipe (experiments/*.yaml); omitted: the embedded CPU demo",
+                     set_help: str = "dotted override, e.g. --set moco.queue_size=4096 (repeatable)") -> None:
+    """The arguments every job command takes: its recipe, --set overrides, the Ray address, --verbose."""
+    p.add_argument("recipe", nargs="?", help=recipe_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     _add_verbose_arg(p)
 
@@ -105,12 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep of pretraining runs over K, m, tau (any config field)")
-    p.add_argument("recipe", nargs="?", help="sweep recipe (experiments/sweep_*.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="sweep field (num_samples=8, space.moco.queue_size={grid: [1024, 4096]}) or, "
-                        "otherwise, base-recipe field (optim.epochs=3); repeatable")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
-    _add_verbose_arg(p)
+    _add_config_args(p, "sweep recipe (experiments/sweep_*.yaml)",
+                     "sweep field (num_samples=8, space.moco.queue_size={grid: [1024, 4096]}) or, "
+                     "otherwise, base-recipe field (optim.epochs=3); repeatable")
     p.add_argument("--resume", default=None, metavar="SWEEP_DIR",
                    help="continue the interrupted sweep in <storage_path>/<name> (finished trials are kept)")
     p.add_argument("--retry-errored", action="store_true", help="with --resume: run errored trials again")
@@ -124,12 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="a sweep, then linear / detection runs on its trials, and which K, m, tau "
                                      "transfer best (analysis on the study's MLflow run)")
-    p.add_argument("recipe", nargs="?", help="study recipe (experiments/study_*.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="study field (trials.top=2) or, prefixed with sweep., a sweep or base-recipe field "
-                        "(sweep.num_samples=2, sweep.optim.epochs=3); repeatable")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
-    _add_verbose_arg(p)
+    _add_config_args(p, "study recipe (experiments/study_*.yaml)",
+                     "study field (trials.top=2) or, prefixed with sweep., a sweep or base-recipe field "
+                     "(sweep.num_samples=2, sweep.optim.epochs=3); repeatable")
     p.add_argument("--resume", default=None, metavar="STUDY_DIR",
                    help="continue the interrupted study in <storage_path>/<name> (finished runs are kept)")
     p.add_argument("--print-config", action="store_true", help="print the validated study config and exit")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from ..core.vit import VIT_CONFIGS
 from .common import ConfigError, Section, build, parse_override, read_yaml
 from .detect import load_detect_config
 from .linear import load_linear_config
@@ -146,9 +147,12 @@ def resolve_study(study: StudyConfig, relative_to: Path | None = None,
         sweep = resolve(sweep)
     except ConfigError as err:
         raise ConfigError(f"sweep: {err}") from None
-    if not trial_base(sweep).tracking.enabled:
+    base = trial_base(sweep)
+    if not base.tracking.enabled:
         raise ConfigError("sweep.tracking.enabled: a study needs MLflow (the analysis is logged there and the "
                           "downstream runs find their trial's encoder through it)")
+    if study.detection is not None:
+        _refuse_vit_detection(base.model.arch, sweep)
 
     update: dict[str, Any] = {"sweep": yaml.safe_load(yaml.safe_dump(sweep.model_dump(mode="json",
                                                                                         exclude_none=True)))}
@@ -171,6 +175,17 @@ def resolve_study(study: StudyConfig, relative_to: Path | None = None,
             raise ConfigError(f"{field}: top {study.trials.top} + random {study.trials.random} = {wanted} trials, "
                               f"but the sweep makes only {possible} (num_samples {sweep.num_samples} x its grids)")
     return study.model_copy(update=update)
+
+
+def _refuse_vit_detection(base_arch: str, sweep: SweepConfig) -> None:
+    """Every detection run of a ViT trial would fail (no ViT detector is built): said before the sweep runs."""
+    searched = sweep.space.get("model.arch")
+    archs = list(searched.values) if searched is not None else [base_arch]
+    vits = [a for a in archs if a in VIT_CONFIGS]
+    if vits:
+        raise ConfigError(f"detection: the sweep's trials include ViT encoders (model.arch={vits[0]}), and "
+                          "detection transfer takes ResNet encoders only (ViTDet is not built); drop detection: "
+                          "from the study, or sweep a ResNet arch")
 
 
 STUDY_FIELDS = tuple(StudyConfig.model_fields)
