@@ -8,7 +8,14 @@ import torch.nn.functional as F
 
 from conftest import free_port
 from mocoray.core.moco import train_step
-from mocoray.core.moco_v3 import GlobalBatchNorm1d, build_moco_v3, symmetric_loss, weight_decay_groups
+from mocoray.core.moco_v3 import (
+    GlobalBatchNorm1d,
+    GlobalBatchNorm2d,
+    build_moco_v3,
+    global_backbone_bn,
+    symmetric_loss,
+    weight_decay_groups,
+)
 from mocoray.jobs.runtime import ddp_kwargs
 
 N, D, TAU = 4, 6, 0.2  # per-rank batch, feature size, temperature
@@ -22,6 +29,12 @@ def _views(rank: int) -> dict[str, torch.Tensor]:
 def _bn_input(rank: int) -> torch.Tensor:
     # the ranks' batches differ in location and scale, so per-rank statistics would be visibly wrong
     return torch.randn(N, D, generator=torch.Generator().manual_seed(20 + rank)) * (1 + 2 * rank) + 3 * rank
+
+
+def _bn2d_input(rank: int) -> torch.Tensor:
+    # an image batch in channels_last memory, as the GPU path feeds a ResNet
+    x = torch.randn(N, 3, 5, 5, generator=torch.Generator().manual_seed(30 + rank)) * (1 + rank) - 2 * rank
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -40,9 +53,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         y = bn(x)
         (y * torch.arange(1.0, D + 1)).pow(2).sum().backward()
 
+        bn2 = GlobalBatchNorm2d(3)
+        x2 = _bn2d_input(rank).requires_grad_(True)
+        y2 = bn2(x2)
+        (y2 * torch.arange(1.0, 4.0).view(1, 3, 1, 1)).pow(2).sum().backward()
+
         torch.manual_seed(0)  # same initial model on both ranks
         backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
                                        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        global_backbone_bn(backbone)  # moco.backbone_bn: global, the default
         model = build_moco_v3(backbone, 8, dim=4, hidden_dim=16, proj_layers=3, momentum=0.9, temperature=TAU)
         ddp = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs())
         opt = torch.optim.AdamW(weight_decay_groups(model, 0.1), lr=1e-2)
@@ -52,7 +71,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save({"loss": loss.detach(), "acc": acc, "y": y.detach(), "x_grad": x.grad, "running_mean": bn.running_mean,
                     "running_var": bn.running_var, "w_grad": bn.weight.grad, "step_loss": torch.tensor(step.loss),
                     "params": torch.cat([p.detach().flatten() for p in model.parameters()]),
-                    "head_running_mean": head_bn.running_mean.clone(), "head_running_var": head_bn.running_var.clone()},
+                    "head_running_mean": head_bn.running_mean.clone(), "head_running_var": head_bn.running_var.clone(),
+                    "y2": y2.detach().contiguous(), "x2_grad": x2.grad.contiguous(),
+                    "bn2_running": torch.cat([bn2.running_mean, bn2.running_var]),
+                    "backbone_bn_type": torch.tensor(isinstance(backbone[1], GlobalBatchNorm2d)),
+                    "backbone_running": torch.cat([backbone[1].running_mean, backbone[1].running_var])},
                    f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -104,3 +127,15 @@ def test_moco_v3_on_two_gloo_processes(tmp_path):
     assert torch.equal(out[0]["params"], out[1]["params"])
     assert torch.equal(out[0]["head_running_mean"], out[1]["head_running_mean"])
     assert torch.equal(out[0]["head_running_var"], out[1]["head_running_var"])
+
+    # the backbone's BN (moco.backbone_bn: global): one BatchNorm2d over both ranks' images, channels_last
+    ref2 = torch.nn.BatchNorm2d(3)
+    x2 = torch.cat([_bn2d_input(r) for r in range(2)]).requires_grad_(True)
+    y2 = ref2(x2)
+    (y2 * torch.arange(1.0, 4.0).view(1, 3, 1, 1)).pow(2).sum().backward()
+    torch.testing.assert_close(torch.cat([o["y2"] for o in out]), y2.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([o["x2_grad"] for o in out]), x2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[0]["bn2_running"], torch.cat([ref2.running_mean, ref2.running_var]))
+    # converted in the model: after a step on different images per rank, the same statistics on both
+    assert bool(out[0]["backbone_bn_type"])
+    assert torch.equal(out[0]["backbone_running"], out[1]["backbone_running"])

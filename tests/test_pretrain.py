@@ -301,7 +301,7 @@ def test_moco_v3_recipe_shortened_to_four_epochs_learns_on_scattered_digits(ray_
     m = res.metrics
     print(f"\nv3, 4 epochs: kNN {m['knn_top1']:.4f} vs random init {m['knn_top1_init']:.4f} ({m['knn_margin']:+.4f}); "
           f"logreg {m['logreg_top1']:.4f} vs {m['logreg_top1_init']:.4f} ({m['logreg_margin']:+.4f})")
-    assert m["logreg_margin"] >= 0.25 and m["logreg_top1"] >= 0.76  # measured +0.285, 0.7985
+    assert m["logreg_margin"] >= 0.25 and m["logreg_top1"] >= 0.76  # measured +0.315, 0.8282 (backbone BN global)
     # the export is the query encoder's backbone, as for v2; the MLflow run names the version
     net, _ = build_backbone("small_resnet_slim_wide")
     net.load_state_dict(backbone_state_dict(res.backbone_path))

@@ -54,6 +54,9 @@ class MocoConfig(Section):
     hidden_dim: int = Field(4096, ge=1, description="v3: hidden width of the projection and prediction MLPs")
     proj_layers: int | None = Field(None, ge=1, description="v3: layers of the projection MLP; default 3 for a "
                                     "ViT, 2 for a ResNet (the paper's)")
+    backbone_bn: Literal["global", "local"] = Field(
+        "global", description="v3: a ResNet backbone's BN statistics over the global batch (all workers, as the "
+        "paper's SyncBN; the heads' always are) or per worker (local)")
 
     @field_validator("version", mode="before")
     @classmethod
@@ -69,10 +72,11 @@ class MocoConfig(Section):
             raise ValueError(f"moco.version v3 has no queue and its own BN MLP heads: remove {', '.join(given)} "
                              f"(allowed under v1/v2 only); v3 uses moco.dim, moco.hidden_dim, moco.proj_layers")
         if self.version != "v3":
-            given = sorted(f"moco.{name}" for name in ("hidden_dim", "proj_layers")
+            given = sorted(f"moco.{name}" for name in ("hidden_dim", "proj_layers", "backbone_bn")
                            if getattr(self, name) != self._default(name))
             if given:
-                raise ValueError(f"{', '.join(given)}: v3's heads only; moco.version is {self.version!r}")
+                raise ValueError(f"{', '.join(given)}: v3 only; moco.version is {self.version!r} (its backbone's BN "
+                                 "is moco.bn_mode)")
         return self
 
     @classmethod

@@ -1,7 +1,7 @@
 """MoCo v3 (Chen, Xie, He 2021): BN MLP heads, a predictor on the query side, and a symmetric InfoNCE over
 the keys of the whole global batch; no queue.
 
-Reading order: `GlobalBatchNorm1d` (the heads' BN, synchronised across workers), `mlp`, `MoCoV3.forward`
+Reading order: `_GlobalBatchNorm` (BN synchronised across workers: the heads', and a ResNet's), `mlp`, `MoCoV3.forward`
 (the algorithm), `symmetric_loss`.
 """
 
@@ -20,35 +20,63 @@ from .moco import Encoder, MoCoOutput, momentum_update
 from .shuffle_bn import all_gather_batch
 
 
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics are those of the global batch (all workers), like SyncBatchNorm.
+class _GlobalBatchNorm:
+    """Batch norm whose training statistics are those of the global batch (all workers), like SyncBatchNorm.
 
-    torch's SyncBatchNorm refuses CPU tensors, so the heads use this instead on every device: per-feature sum,
-    sum of squares and count are summed over ranks by a differentiable all-reduce (gradients flow back through
-    the global mean and variance, as in SyncBatchNorm). On one process it is plain BatchNorm1d.
+    torch's SyncBatchNorm refuses CPU tensors, so v3 uses this instead on every device: per-channel sum, sum of
+    squares and count are summed over ranks by a differentiable all-reduce (gradients flow back through the
+    global mean and variance, as in SyncBatchNorm). On one process it is the plain BatchNorm it extends.
+    Statistics are over every dimension but the channels (dim 1): (N, C) for the heads, (N, C, H, W) for a
+    ResNet's layers.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, world = rank_world()
         if not self.training or world == 1:
-            return super().forward(x)
+            return super().forward(x)  # type: ignore[misc]
+        c = self.num_features
+        dims = [0, *range(2, x.dim())]
+        shape = [1, c] + [1] * (x.dim() - 2)  # broadcasts a per-channel vector over x
         with full_precision(x.device.type):
             xf = x.float()
-            local = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_tensor([float(xf.shape[0])])])
+            count = float(xf.numel() // c)
+            local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_tensor([count])])
             total = dist_fn.all_reduce(local)
-            c = self.num_features
             n = total[-1]
             mean = total[:c] / n
             var = (total[c:2 * c] / n - mean * mean).clamp_min(0.0)
-            out = (xf - mean) * torch.rsqrt(var + self.eps)
+            out = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
             if self.affine:
-                out = out * self.weight + self.bias
+                out = out * self.weight.view(shape) + self.bias.view(shape)
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             unbiased = var.detach() * n / (n - 1).clamp_min(1.0)
             self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
             self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
         return out.to(x.dtype)
+
+
+class GlobalBatchNorm1d(_GlobalBatchNorm, nn.BatchNorm1d):
+    """The heads' BN: BatchNorm1d over the global batch."""
+
+
+class GlobalBatchNorm2d(_GlobalBatchNorm, nn.BatchNorm2d):
+    """A ResNet backbone's BN under v3 (`moco.backbone_bn: global`): BatchNorm2d over the global batch."""
+
+
+def global_backbone_bn(module: nn.Module) -> nn.Module:
+    """`module` with every BatchNorm2d replaced by a GlobalBatchNorm2d holding the same parameters and statistics
+    (the paper converts the whole model to SyncBN). State-dict keys are unchanged, so checkpoints, export and the
+    downstream jobs, which build plain BatchNorm2d, read it as before. A ViT has no BatchNorm2d: unchanged."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            bn = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            global_backbone_bn(child)
+    return module
 
 
 def mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True) -> nn.Sequential:

@@ -18,7 +18,7 @@ from ...core.compiled import compile_encoders, make_sgd
 from ...core.distributed import all_reduce_sum
 from ...core.lars import LARS
 from ...core.moco import Encoder, MoCo, NonFiniteLossError, train_step, unwrap
-from ...core.moco_v3 import MoCoV3, build_moco_v3, weight_decay_groups
+from ...core.moco_v3 import MoCoV3, build_moco_v3, global_backbone_bn, weight_decay_groups
 from ...core.schedule import lr_at, momentum_at
 from ...core.shuffle_bn import resolve_bn_mode
 from ...core.vit import VIT_CONFIGS, freeze_patch_embed
@@ -53,7 +53,9 @@ def build_moco(cfg: PretrainConfig, bn_mode: str) -> MoCo | MoCoV3:
     backbone, feat_dim = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
     if cfg.model.freeze_patch_embed:
         freeze_patch_embed(backbone)
-    if cfg.moco.version == "v3":  # its heads synchronise their own BN; the backbone's BN stays per worker
+    if cfg.moco.version == "v3":  # its heads synchronise their own BN, the backbone's too unless backbone_bn local
+        if cfg.moco.backbone_bn == "global":
+            global_backbone_bn(backbone)
         layers = cfg.moco.proj_layers or (3 if cfg.model.arch in VIT_CONFIGS else 2)
         return build_moco_v3(backbone, feat_dim, cfg.moco.dim, cfg.moco.hidden_dim, layers, cfg.moco.momentum,
                              cfg.moco.temperature)
@@ -259,7 +261,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "logreg_top1": state.logreg_top1_init, "logreg_top1_init": state.logreg_top1_init}
             logger.metrics(init, step=0)
             logger.tags({"mocoray.bn_mode_effective": bn_mode, "mocoray.world_size": world})
-            bn = ("MoCo v3 (heads' BN over the global batch)" if cfg.moco.version == "v3"
+            bn = (f"MoCo v3 (BN over the global batch: heads{', backbone' if cfg.moco.backbone_bn == 'global' else ''})"
+                  if cfg.moco.version == "v3"
                   else f"bn_mode {bn_mode} ({cfg.moco.bn_mode} requested)")
             runtime.console(f"{cfg.model.arch}, {bn}, {world} worker(s), "
                     f"{len(data.train)} images, {len(loader)} steps/epoch; kNN top-1 at init {state.knn_top1_init:.4f}")
