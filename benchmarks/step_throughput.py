@@ -27,6 +27,17 @@ e.g. `model+plain`, `model+compile`, `jpeg-gpu:4+compile`, `jpeg-augment+compile
 Modes of the same variant share one model; the unsuffixed variant is `--bn-mode` resolved for one
 worker (shuffle -> split), eager. Every variant uses `core.compiled.make_sgd` (fused SGD on CUDA).
 
+`--version v3` times MoCo v3 instead (`core.moco_v3.build_moco_v3`: a 3-layer projection MLP for a ViT,
+2 for a ResNet, a 2-layer predictor, hidden 4096 and dim 256 unless --hidden-dim / --dim say otherwise;
+symmetric loss over both views, so a pair costs twice v2's forward/backward; no queue, `--queue` is
+ignored). A ViT's patch projection is frozen (`core.vit.freeze_patch_embed`), as the paper's recipe.
+Optimiser: AdamW (fused on CUDA) over `weight_decay_groups`, lr 1.5e-4 x batch/256, weight decay 0.1,
+momentum 0.99, tau 0.2 (the paper's ViT recipe; its ResNets use LARS, whose step costs about the same).
+BN modes are a v1/v2 matter (v3's heads use their own global BN and the backbone's BN stays per
+worker), so `--bn-mode`, `+plain` and `+split` are refused under v3. channels_last is ignored for a ViT
+(no convolution but the patch projection). The augmentation is v2's, as `core.augment.moco_spec("v3")`
+gives it to the job.
+
 Reported per mode: pairs/s (median over rounds of batch*steps/round time), the rounds' min-max,
 median ms/step, the ratio to `model`, CPU milliseconds per pair and CPU cores busy (this process and
 its children, loader workers included), and on CUDA the mean GPU utilisation (NVML) during the
@@ -43,6 +54,8 @@ Examples:
     python benchmarks/step_throughput.py --device cuda --arch resnet50 --image-size 224 \\
         --data synthetic --batch 256 --queue 65536 --amp bf16 --channels-last \\
         --modes model,model+plain,jpeg-gpu:3,jpeg-cpu:12
+    python benchmarks/step_throughput.py --device cuda --version v3 --arch vit_small_patch16_224 \\
+        --image-size 224 --data synthetic --batch 256 --amp bf16 --modes model
     python benchmarks/step_throughput.py --smoke --jpeg-dir /tmp/jpeg   # seconds: the tests' check of the script
 """
 
@@ -75,7 +88,9 @@ from mocoray.core.augment import BatchAugment, moco_spec, two_view_transform  # 
 from mocoray.core.backbones import ARCHS, build_backbone, count_macs  # noqa: E402
 from mocoray.core.compiled import compile_encoders, make_sgd  # noqa: E402
 from mocoray.core.moco import Encoder, MoCo, train_step  # noqa: E402
+from mocoray.core.moco_v3 import build_moco_v3, weight_decay_groups  # noqa: E402
 from mocoray.core.shuffle_bn import BN_MODES, resolve_bn_mode  # noqa: E402
+from mocoray.core.vit import VIT_CONFIGS, freeze_patch_embed  # noqa: E402
 from mocoray.data.base import SkipCorrupt, TensorImages, Transformed, collate_batch  # noqa: E402
 from mocoray.data.device_decode import DeviceJpegAugment, collate_encoded, encoded_train_dataset  # noqa: E402
 from mocoray.data.external import ImageFolderFS  # noqa: E402
@@ -84,6 +99,8 @@ from mocoray.jobs.gpu_metrics import gpu_monitor  # noqa: E402
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ("plain", "split", "compile")
+BN_VARIANTS = ("plain", "split")
+V3_LR, V3_WEIGHT_DECAY, V3_MOMENTUM, V3_TEMPERATURE = 1.5e-4, 0.1, 0.99, 0.2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,12 +108,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", default="small_resnet", choices=ARCHS)
     p.add_argument("--cifar-stem", action="store_true", help="3x3/1 stem for torchvision ResNets (32 px inputs)")
     p.add_argument("--batch", type=int, default=64, help="per-process batch (pairs per step)")
-    p.add_argument("--queue", type=int, default=1024, help="K")
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--version", default="v2", choices=["v1", "v2"], help="head (v2: MLP) and augmentation recipe")
+    p.add_argument("--queue", type=int, default=1024, help="K (v1/v2; v3 has no queue)")
+    p.add_argument("--dim", type=int, default=None, help="output dim (default 128; v3: 256)")
+    p.add_argument("--hidden-dim", type=int, default=4096, help="v3: hidden width of its MLP heads")
+    p.add_argument("--version", default="v2", choices=["v1", "v2", "v3"],
+                   help="head (v2: MLP) and augmentation recipe; v3: MoCo v3 (see above)")
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--bn-mode", default="shuffle", choices=BN_MODES,
-                   help="requested BN-leak handling; resolved as for one worker (shuffle -> split)")
+    p.add_argument("--bn-mode", default=None, choices=BN_MODES,
+                   help="v1/v2: requested BN-leak handling (default shuffle); resolved as for one worker "
+                        "(shuffle -> split)")
     p.add_argument("--num-splits", type=int, default=8)
     p.add_argument("--data", default="digits", choices=["digits", "synthetic"],
                    help="in-memory images of model/pipeline/loader/augment: digits (32 px scattered digits, "
@@ -123,8 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the +compile variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this file")
-    # --smoke: every CPU mode but +compile, one step each, on 8-image batches of 32 px synthetic images
-    args = parse_with_smoke(p, argv, batch=8, queue=64, data="synthetic", jpeg_images=8, rounds=1, steps=1, warmup=1,
+    # --smoke: every CPU mode but +compile, one step each, on 8-image batches of 32 px synthetic images (v3: heads
+    # 256 wide)
+    args = parse_with_smoke(p, argv, batch=8, queue=64, hidden_dim=256, data="synthetic", jpeg_images=8, rounds=1,
+                            steps=1, warmup=1,
                             modes="model,model+plain,pipeline,loader,augment,jpeg-gpu:0,jpeg-cpu:0,jpeg-augment",
                             loader_workers="0,1")
     cuda = args.device.startswith("cuda")
@@ -132,6 +154,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rounds = args.rounds or (3 if cuda else 8)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     args.threads = args.threads or (None if cuda else 1)
+    return check_version(args)
+
+
+def check_version(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the version's defaults; refuse the options that mean nothing for MoCo v3 rather than time
+    something other than what was asked."""
+    if args.version != "v3":
+        args.dim = args.dim or 128
+        args.bn_mode = args.bn_mode or "shuffle"
+        return args
+    bn_variants = [m for m in args.modes.split(",") if set(parse_mode(m.strip())[2]) & set(BN_VARIANTS)]
+    if args.bn_mode or bn_variants:
+        given = ([f"--bn-mode {args.bn_mode}"] if args.bn_mode else []) + bn_variants
+        raise SystemExit(f"--version v3: BN modes do not apply (its heads use global BN, the backbone's BN stays "
+                         f"per worker); drop {', '.join(given)}")
+    if args.arch in VIT_CONFIGS:
+        size = VIT_CONFIGS[args.arch][0]
+        if args.image_size != size:
+            raise SystemExit(f"--arch {args.arch} has a position embedding for {size} px: use --image-size {size}")
+        if args.channels_last:
+            print("--channels-last ignored: a ViT has no convolution but its patch projection")
+            args.channels_last = False
+    args.dim = args.dim or 256
+    args.queue = None
     return args
 
 
@@ -172,17 +218,46 @@ def jpeg_folder(args: argparse.Namespace) -> ImageFolderFS:
     return ImageFolderFS(fsspec.filesystem("file"), root)
 
 
-def build(args: argparse.Namespace, device: torch.device, bn_mode: str, compiled: bool):
+def vit_macs(arch: str) -> int:
+    """Multiply-adds of one ViT forward per image, by hand: `count_macs` sees each nn.Linear once per call,
+    not once per token, and misses attention's fused projections and matmuls."""
+    size, patch, layers, _, dim, mlp_dim = VIT_CONFIGS[arch]
+    patches = (size // patch) ** 2
+    tokens = patches + 1
+    block = 4 * tokens * dim * dim + 2 * tokens * tokens * dim + 2 * tokens * dim * mlp_dim
+    return patches * 3 * patch * patch * dim + layers * block
+
+
+def backbone_macs(args: argparse.Namespace, backbone: torch.nn.Module) -> int:
+    return vit_macs(args.arch) if args.arch in VIT_CONFIGS else count_macs(backbone, args.image_size)
+
+
+def build_v3(args: argparse.Namespace, backbone: torch.nn.Module, feat_dim: int, device: torch.device):
+    """MoCo v3 with the paper's heads and its ViT optimiser (see the module docstring)."""
+    vit = args.arch in VIT_CONFIGS
+    if vit:
+        freeze_patch_embed(backbone)
+    model = build_moco_v3(backbone, feat_dim, args.dim, args.hidden_dim, 3 if vit else 2, V3_MOMENTUM,
+                          V3_TEMPERATURE).to(device)
+    groups = weight_decay_groups(model, V3_WEIGHT_DECAY)
+    opt = torch.optim.AdamW(groups, lr=V3_LR * args.batch / 256, fused=device.type == "cuda" or None)
+    return model, opt
+
+
+def build(args: argparse.Namespace, device: torch.device, bn_mode: str | None, compiled: bool):
     torch.manual_seed(args.seed)
     backbone, feat_dim = build_backbone(args.arch, args.cifar_stem)
-    macs = count_macs(backbone, args.image_size)
-    model = MoCo(Encoder(backbone, feat_dim, args.dim, mlp=args.version == "v2"), args.queue, 0.99, 0.2,
-                 bn_mode, args.num_splits).to(device)
+    macs = backbone_macs(args, backbone)
+    if args.version == "v3":
+        model, opt = build_v3(args, backbone, feat_dim, device)
+    else:
+        model = MoCo(Encoder(backbone, feat_dim, args.dim, mlp=args.version == "v2"), args.queue, 0.99, 0.2,
+                     bn_mode, args.num_splits).to(device)
+        opt = make_sgd(model.encoder_q.parameters(), 0.03, 0.9, 1e-4, device.type)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compiled:
         compile_encoders(model, backend=args.compile_backend)
-    opt = make_sgd(model.encoder_q.parameters(), 0.03, 0.9, 1e-4, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16" and device.type == "cuda")
     return model, opt, scaler, macs
 
@@ -213,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec = moco_spec(args.version, args.image_size)
     augment = BatchAugment(spec)
     amp_dtype = AMP[args.amp]
-    default_bn = resolve_bn_mode(args.bn_mode, 1, device.type)
+    default_bn = resolve_bn_mode(args.bn_mode, 1, device.type) if args.version != "v3" else None
     models: dict[tuple[str, bool], tuple] = {}
 
     def stepper(variant: frozenset[str]) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -309,11 +384,17 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"unknown mode {mode!r}: use model, pipeline, loader, augment, jpeg-gpu:N, "
                              "jpeg-cpu:N, jpeg-augment")
 
-    macs = next(iter(models.values()))[3] if models else count_macs(build_backbone(args.arch, args.cifar_stem)[0],
-                                                                     args.image_size)
+    macs = next(iter(models.values()))[3] if models else backbone_macs(args, build_backbone(args.arch,
+                                                                                         args.cifar_stem)[0])
+    if args.version == "v3":
+        recipe = (f"v3 (hidden {args.hidden_dim}, no queue, AdamW lr {V3_LR * args.batch / 256:.2e} wd "
+                  f"{V3_WEIGHT_DECAY}, m {V3_MOMENTUM}, tau {V3_TEMPERATURE}"
+                  f"{', patch projection frozen' if args.arch in VIT_CONFIGS else ''})")
+    else:
+        recipe = f"K {args.queue}, {args.version}, bn_mode {default_bn} (+plain: none)"
     print(f"machine: {machine_line(args.device)}")
-    print(f"{args.arch} ({macs / 1e6:.0f} M MACs/image at {args.image_size} px), batch {args.batch}, K {args.queue}, "
-          f"dim {args.dim}, {args.version}, bn_mode {default_bn} (+plain: none), amp {args.amp}, "
+    print(f"{args.arch} ({macs / 1e6:.0f} M MACs/image at {args.image_size} px), batch {args.batch}, "
+          f"dim {args.dim}, {recipe}, amp {args.amp}, "
           f"channels_last {args.channels_last}, data {args.data}; {args.rounds} rounds x {args.steps} steps "
           f"per mode after {args.warmup} warm-up steps")
 

@@ -99,14 +99,18 @@ def test_plain_moco_digits_reports_knn_and_logreg_against_random_init():
 def test_gpu_check_runs_its_benchmark_steps_on_the_cpu_and_prints_the_readme_table(tmp_path):
     out = run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--smoke"], OUT=str(tmp_path / "out"),
               PYTHON=sys.executable)
-    for step in ("2. model-only", "3. torch.compile vs eager", "4. BN layers alone", "5. table"):
+    for step in ("2. model-only", "3. torch.compile vs eager", "4. BN layers alone", "5. MoCo v3 model-only",
+                 "6. table"):
         assert f" {step}" in out
     assert "ray/mlflow/pydantic/pyarrow imported: []" in out
     assert "| run | mode | pairs/s | ms/step | vs reference | CPU ms/pair | CPU cores | GPU util % | goal |" in out
-    measured = re.findall(r"^\| ([AB]) \| `([^`]+)` \| [\d.]+ \|", out, re.M)
+    measured = re.findall(r"^\| ([A-D]) \| `([^`]+)` \| [\d.]+ \|", out, re.M)
     assert measured == [("A", "model+plain"), ("A", "model"), ("A", "jpeg-gpu:3"), ("A", "jpeg-cpu:1"),
                         ("A", "jpeg-augment"), ("B", "model"), ("B", "model+compile"), ("B", "jpeg-augment"),
-                        ("B", "jpeg-augment+compile")]
+                        ("B", "jpeg-augment+compile"), ("C", "model"), ("D", "model")]
+    assert re.search(r"^\| C \| `model` \| [\d.]+ \| [\d.]+ \| [\d.]+x v3 ResNet \(D\) \|", out, re.M), out
+    assert "run C: vit_tiny_patch4_32, 32 px, batch 8, v3 (no queue)" in out
+    assert "run D: small_resnet, 32 px, batch 8, v3 (no queue)" in out
     assert "FAILED" not in out
 
 

@@ -1,11 +1,13 @@
-"""GPU-only paths: AMP (bf16/fp16 + GradScaler), channels_last, NCCL collectives, SyncBatchNorm,
-split BN in channels_last, compiled encoders (inductor), fused SGD, nvJPEG decoding, GPU metrics.
+"""GPU-only paths: AMP (bf16/fp16 + GradScaler), channels_last, NCCL collectives, SyncBatchNorm (MoCo's
+bn_mode sync, and the detector's model.norm syncbn across two ranks), split BN in channels_last, compiled
+encoders (inductor), fused SGD, nvJPEG decoding, GPU metrics.
 
 Skipped without CUDA (CI has none); run on a GPU machine with `python -m pytest tests/test_gpu.py`
 (benchmarks/gpu_check.sh does, first). Imports only torch/torchvision, PIL, numpy and mocoray's
 core, data and gpu_metrics modules, so it also runs where Ray, MLflow and pyarrow are not installed.
 """
 
+import inspect
 import io
 import os
 import time
@@ -13,6 +15,8 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
 
 from conftest import free_port
 from mocoray.core.augment import BatchAugment, moco_spec
@@ -23,6 +27,8 @@ from mocoray.core.moco import Encoder, MoCo, train_step
 from mocoray.core.shuffle_bn import all_gather_batch, shuffle_batch, unshuffle_batch
 from mocoray.data.device_decode import DeviceJpegAugment
 from mocoray.data.synthetic import photo_like
+from mocoray.detection.engine import train_one_epoch as train_detector
+from mocoray.detection.model import build_detector
 from mocoray.jobs.gpu_metrics import gpu_monitor
 from test_compiled import _tiny_moco
 from test_split_bn import _pair, _run
@@ -78,6 +84,60 @@ def test_sync_batchnorm_mode_runs_under_nccl(nccl_group):
     x = torch.randn(32, 3, 32, 32, device="cuda")
     res = train_step(m, x, x.flip(-1), opt, None, torch.bfloat16)
     assert res.loss > 0 and int(m.queue.ptr) == 32
+
+
+def _detector_batches(seed: int, steps: int) -> list[tuple]:
+    """`steps` batches of two 64 px uint8 images with one box each, as `collate_detection` yields them."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(steps):
+        images = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g) for _ in range(2)]
+        targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 44.0]]), "labels": torch.tensor([1])} for _ in range(2)]
+        batches.append((images, targets, 0))
+    return batches
+
+
+def _no_buffer_broadcast() -> dict:
+    """DDP's option that stops re-broadcasting rank 0's buffers every forward (renamed in torch 2.10)."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def _syncbn_detector_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank of a two-rank detection job on the one GPU. gloo carries the collectives: NCCL refuses two
+    ranks on one device, and with a single rank SyncBatchNorm skips its synchronising kernels altogether."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for amp in ("none", "bf16"):  # run.amp's default and the GPU setting
+            torch.manual_seed(0)  # the same initial detector on both ranks, as the job builds it
+            model = build_detector("small_resnet", 2, layout="fpn", norm="syncbn", anchor_sizes=(16, 32, 64, 128),
+                                   min_size=64, max_size=64, box_batch_size_per_image=32,
+                                   rpn_post_nms_top_n_train=200).cuda()
+            norms = {type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
+            # Buffers are not re-broadcast from rank 0 each step, so equal running statistics after training
+            # can only come from the synchronised BN.
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=[0], **_no_buffer_broadcast())
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+            epoch = train_detector(ddp, opt, _detector_batches(seed=10 + rank, steps=2), device="cuda",
+                                   autocast_dtype=torch.bfloat16 if amp == "bf16" else None)
+            stats = {k: v.cpu() for k, v in model.state_dict().items() if "running_mean" in k}
+            results[amp] = {"norms": sorted(norms), "loss": epoch.loss, "steps": epoch.steps, "stats": stats}
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_detector_with_syncbn_trains_on_two_ranks_with_one_set_of_bn_statistics(tmp_path):
+    mp.spawn(_syncbn_detector_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for amp in ("none", "bf16"):
+        a, b = r0[amp], r1[amp]
+        assert a["norms"] == ["SyncBatchNorm"], (amp, a["norms"])
+        assert a["steps"] == b["steps"] == 2 and all(torch.isfinite(torch.tensor([a["loss"], b["loss"]]))), amp
+        assert a["stats"] and all(bool(v.abs().sum() > 0) for v in a["stats"].values()), amp  # statistics moved
+        for k in a["stats"]:  # each rank saw other images: only synchronised BN gives both the same statistics
+            assert torch.allclose(a["stats"][k], b["stats"][k], atol=1e-6, rtol=1e-5), (amp, k)
 
 
 @pytest.mark.parametrize("amp", [False, True])
