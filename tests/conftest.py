@@ -170,6 +170,18 @@ def tiny_pretrain_overrides(tmp_path: Path, name: str = "tiny", **extra) -> list
     return [f"{k}={v}" for k, v in items.items()]
 
 
+# MoCo v3 at the tiny size: no queue, BN MLP heads (synchronised across workers), a predictor, AdamW.
+V3_TINY = {"moco.version": 3, "moco.hidden_dim": 64, "moco.dim": 32, "optim.optimizer": "adamw", "optim.lr": 1e-3,
+           "optim.weight_decay": 0.1}
+
+
+def tiny_v3_overrides(tmp_path: Path, name: str = "tiny-v3", **extra) -> list[str]:
+    """`tiny_pretrain_overrides` for MoCo v3 (V3_TINY), without the queue fields v3 refuses."""
+    queue_fields = ("moco.queue_size=", "moco.num_splits=")
+    return [o for o in tiny_pretrain_overrides(tmp_path, name, **{**V3_TINY, **extra})
+            if not o.startswith(queue_fields)]
+
+
 def wait_until(predicate: Callable[[], bool], timeout_s: float, message: str | Callable[[], str]) -> None:
     """Poll `predicate` until it holds; fail with `message` (a string, or a function for one read at the time,
     such as a log's tail) if it still does not after `timeout_s`. A guard against a hang, not a measurement:

@@ -24,8 +24,12 @@ RAY = str(Path(sys.executable).parent / "ray")
 # What makes a one-machine cluster react at test speed: Ray Train's preemption watcher polls drains every
 # 0.5 s (default 5), the GCS declares a silent node dead after ~3 s (default ~30), a worker group that
 # cannot be placed is retried after 30 s (default 60). And what keeps it patient on a loaded CI host:
-# a raylet may take a minute to register (default 10 s).
+# a raylet may take a minute to register (default 10 s). And a node keeps idle worker processes for Ray Data's
+# tasks (data.loader: ray): Ray's soft limit of one process per CPU counts the node's training worker, so on a
+# 1-CPU node every ingest task would otherwise start (and import torch in) a fresh Python process, 3-5 s each
+# on a loaded host.
 FAST_CLUSTER_ENV = {
+    "RAY_num_workers_soft_limit": "4",
     "RAY_raylet_start_wait_time_s": "60",
     "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
     "RAY_health_check_period_ms": "1000",

@@ -10,6 +10,7 @@ the test has done its deed (stopped a server, drained a node, ...).
 from __future__ import annotations
 
 import io
+import json
 import time
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MlflowServer, free_port, tiny_pretrain_overrides, wait_until
+from conftest import MlflowServer, free_port, tiny_pretrain_overrides, tiny_v3_overrides, wait_until
 from local_cluster import Driver, LocalCluster
+from mocoray.config import load_config
+from mocoray.data.sampler import epoch_permutation
 from mocoray.jobs.preemption import RECORD_FILE, read_record
 from mocoray.tracking.outbox import UNSENT_FILE
 
@@ -49,9 +52,10 @@ def cluster(tmp_path_factory, s3_env):
         c.shutdown()
 
 
-def _overrides(tmp_path: Path, name: str, **extra) -> list[str]:
-    """Two workers (one per node) of a tiny MoCo; 512 images / global batch 16 = 32 steps per epoch."""
-    return tiny_pretrain_overrides(tmp_path, name, **{
+def _overrides(tmp_path: Path, name: str, tiny=tiny_pretrain_overrides, **extra) -> list[str]:
+    """Two workers (one per node) of a tiny MoCo (`tiny`: v2's, or `tiny_v3_overrides`); 512 images / global
+    batch 16 = 32 steps per epoch."""
+    return tiny(tmp_path, name, **{
         "run.num_workers": 2, "run.cpus_per_worker": 1, "data.synthetic_images": 512, "optim.batch_size": 16,
         "optim.epochs": 3, "run.keep_checkpoints": 20, "knn.max_bank": 256, **extra})
 
@@ -92,18 +96,22 @@ def _values_in_time_order(client, run_id: str, key: str) -> list[float]:
 def _final(checkpoint: str) -> dict:
     d = Path(checkpoint)
     return {"model": torch.load(d / "model.pt", weights_only=True),
+            "optimizer": torch.load(d / "optimizer.pt", weights_only=True),
             "train": torch.load(d / "train_state.pt", weights_only=True)}
 
 
 def test_a_node_drained_for_preemption_mid_epoch_costs_no_epoch_and_the_run_resumes_exactly(cluster, tmp_path):
     cluster.ensure_workers(2)  # head + 2 nodes for 2 workers: one node is the spare a reclaim moves to
-    two_epochs = {"optim.epochs": 2}  # the drain lands in epoch 2, after epoch 1's pause
-    reference = Driver(cluster, tmp_path / "reference.log", _overrides(tmp_path, "uninterrupted", **two_epochs)).result()
+    # MoCo v3: its exact resume (predictor, AdamW moments, cosine momentum of the step) checked mid-epoch, the
+    # hardest case; the drain lands in epoch 2, after epoch 1's pause
+    two_epochs = {"optim.epochs": 2, "moco.momentum_schedule": "cosine"}
+    reference = Driver(cluster, tmp_path / "reference.log",
+                       _overrides(tmp_path, "uninterrupted", tiny_v3_overrides, **two_epochs)).result()
 
     pauses = Pauses(tmp_path / "pauses", [1])
     run = Driver(cluster, tmp_path / "preempted.log",
-                 _overrides(tmp_path, "preempted", **{"run.preemption_check_steps": 1, "run.max_failures": 0,
-                                                      **two_epochs}),
+                 _overrides(tmp_path, "preempted", tiny_v3_overrides, **{
+                     "run.preemption_check_steps": 1, "run.max_failures": 0, **two_epochs}),
                  faults=pauses.faults(step_delay_s=0.25))
     pauses.wait(1, run)
     (node, *_) = cluster.training_nodes()
@@ -130,24 +138,51 @@ def test_a_node_drained_for_preemption_mid_epoch_costs_no_epoch_and_the_run_resu
     assert _steps(client, run_id, "loss") == [1, 2]
     assert client.get_metric_history(run_id, "preemptions")[-1].value == 1
     assert _values_in_time_order(client, run_id, "world_size") == [2, 2]
-    # exact resume: the same steps, queue, weights and epoch losses as the uninterrupted run
+    # exact resume: the same steps, weights (predictor included), AdamW state, momentum and epoch losses as the
+    # uninterrupted run
     a, b = _final(reference["checkpoint"]), _final(res["checkpoint"])
     assert a["train"]["global_step"] == b["train"]["global_step"] == 2 * 32
-    assert int(a["model"]["queue.ptr"]) == int(b["model"]["queue.ptr"]) == (2 * 32 * 16) % 64
+    assert any(k.startswith("predictor.") for k in a["model"])  # saved with the model; the key side has none
+    assert not any(k.startswith(("encoder_k.predictor", "queue.")) for k in a["model"])
+    assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.allclose(a["model"][key].float(), b["model"][key].float(), atol=1e-6), key
+    _assert_same_optimizer_state(a["optimizer"], b["optimizer"])
     ref_run = reference["mlflow_run_id"]
-    for epoch_a, epoch_b in zip(client.get_metric_history(ref_run, "loss"), client.get_metric_history(run_id, "loss"),
-                                strict=True):
-        assert epoch_a.value == pytest.approx(epoch_b.value, abs=1e-6)
+    for key in ("loss", "momentum"):
+        ref, got = _values_by_step(client, ref_run, key), _values_by_step(client, run_id, key)
+        assert got.keys() == ref.keys() == {1, 2}, key
+        assert got == pytest.approx(ref, abs=1e-6), key
 
 
-def test_elastic_workers_shrink_when_a_node_dies_and_grow_when_one_comes_back(cluster, tmp_path):
+def _assert_same_optimizer_state(a: dict, b: dict) -> None:
+    """Per parameter, the same optimizer state (AdamW: both moments and the step count); relative, as the second
+    moments are squared gradients (down to 1e-11 here) that an absolute tolerance would not check."""
+    assert a["state"].keys() == b["state"].keys() and a["state"]
+    for pid, state in a["state"].items():
+        assert state.keys() == b["state"][pid].keys(), pid
+        for name, value in state.items():
+            torch.testing.assert_close(b["state"][pid][name], value, rtol=1e-5, atol=1e-12, msg=f"{pid} {name}")
+
+
+def _values_by_step(client, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_elastic_v3_with_ray_data_ingest_shrinks_when_a_node_dies_and_grows_when_one_comes_back(cluster, tmp_path):
     cluster.ensure_workers(1)
     pauses = Pauses(tmp_path / "pauses", [1, 2])
-    run = Driver(cluster, tmp_path / "elastic.log", _overrides(tmp_path, "elastic", **{
-        "run.num_workers": "[1, 2]", "run.resize_check_s": 2, "run.max_failures": -1,
-        "data.synthetic_images": 256, "run.checkpoint_every_steps": 8}), faults=pauses.faults())
+    batches = tmp_path / "batches"
+    batches.mkdir()
+    # MoCo v3 fed by Ray Data: a resize restarts the worker group, whose dataset is split again for its size.
+    # One worker (0.75 CPU) per node, beside one ingest task (0.25): the head alone must hold both.
+    # batch_rows 8 is the per-rank batch on 2 workers, half of it on 1: step s is positions 16s..16s+15 of the
+    # epoch's order on either (docs/design.md, Ray Data ingest).
+    overrides = _overrides(tmp_path, "elastic", tiny_v3_overrides, **{
+        "run.num_workers": "[1, 2]", "run.resize_check_s": 2, "run.max_failures": -1, "run.cpus_per_worker": 0.75,
+        "data.loader": "ray", "data.ingest.num_cpus": 0.25, "data.ingest.batch_rows": 8,
+        "data.synthetic_images": 256, "run.checkpoint_every_steps": 8})
+    run = Driver(cluster, tmp_path / "elastic.log", overrides, faults=pauses.faults(batches_dir=str(batches)))
     pauses.wait(1, run)
     for node in cluster.live_workers():  # no notice: they are just gone; the head's one CPU is left
         cluster.kill(node)
@@ -163,13 +198,33 @@ def test_elastic_workers_shrink_when_a_node_dies_and_grow_when_one_comes_back(cl
     assert res["status"] == "completed" and res["metrics"]["epoch"] == 3
     client = _client(tmp_path)
     run_id = res["mlflow_run_id"]
+    assert client.get_run(run_id).data.params["data.loader"] == "ray"
+    assert [t for t in cluster.tasks() if "MapBatches(views)" in t["name"]]  # the ingest's map tasks ran
     sizes = _values_in_time_order(client, run_id, "world_size")
     assert [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]] == [2, 1, 2], sizes
     assert _steps(client, run_id, "loss") == [1, 2, 3]
-    # the global batch stayed 16 whatever the world size: the same number of steps, the same queue position
-    final = _final(res["checkpoint"])
-    assert final["train"]["global_step"] == 3 * 16
-    assert int(final["model"]["queue.ptr"]) == (3 * 16 * 16) % 64
+    # the global batch stayed 16 whatever the world size: the same number of steps, each the epoch's next 16
+    # samples of the torch path's order, split across as many ranks as the epoch had
+    assert _final(res["checkpoint"])["train"]["global_step"] == 3 * 16
+    seed = load_config(None, overrides).run.seed
+    trained = _batches(batches)
+    for epoch, world in enumerate([2, 1, 2]):
+        order = epoch_permutation(256, seed, epoch).tolist()
+        for step in range(16):
+            ranks = trained[(epoch, step)]
+            assert sorted(ranks) == list(range(world)), (epoch, step, sorted(ranks))
+            assert [i for r in range(world) for i in ranks[r]] == order[16 * step:16 * (step + 1)], (epoch, step)
+    assert {epoch for epoch, _ in trained} == {0, 1, 2} and len(trained) == 3 * 16
+
+
+def _batches(folder: Path) -> dict[tuple[int, int], dict[int, list[int]]]:
+    """{(epoch, step): {rank: sample ids}} from the `Faults.batches_dir` records."""
+    steps: dict[tuple[int, int], dict[int, list[int]]] = {}
+    for path in sorted(folder.glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            steps.setdefault((rec["epoch"], rec["step"]), {})[rec["rank"]] = rec["keys"]
+    return steps
 
 
 def _wait_for_world_size(tmp_path: Path, run_name: str, size: int, after: int, timeout: float = 600) -> None:
