@@ -150,6 +150,67 @@ def test_config_names_what_is_wrong():
     type(cfg).model_validate(cfg.model_dump(mode="json"))
 
 
+def test_ray_loader_is_refused_outside_the_augmented_protocol():
+    source = {"encoder.checkpoint": "x.pt"}
+    for mode in ("cached", "center", "logreg"):
+        with pytest.raises(ConfigError, match=rf"data.loader='ray' is for linear.mode='augmented'.*"
+                                              rf"linear.mode='{mode}' data.loader must be 'torch'"):
+            load_linear_config(DIGITS_LINEAR, [f"linear.mode={mode}", "data.loader=ray"], source)
+    with pytest.raises(ConfigError, match="data.loader='spark'.*'torch' or 'ray'"):
+        load_linear_config(DIGITS_LINEAR, ["data.loader=spark"], source)
+    cfg = load_linear_config(DIGITS_LINEAR, ["linear.mode=augmented", "data.loader=ray",
+                                             "data.ingest.resources={ingest: 0.01}"], source)
+    assert cfg.data.ingest.resources == {"ingest": 0.01} and load_linear_config(DIGITS_LINEAR, [], source).data.loader == "torch"
+
+
+@pytest.mark.parametrize("augment", ["device", "loader"])
+def test_ingest_rows_are_the_augmented_protocols_views_with_their_labels(augment):
+    """What an ingest task makes of a chunk: one view per sample at data.image_size, normalised like the torch
+    path's, the sample's label, the same bits again for the same chunk (seeded by its sample ids)."""
+    import numpy as np
+
+    from mocoray.data.base import TensorImages
+    from mocoray.jobs.linear.features import ingest_rows
+
+    images = torch.randint(0, 256, (12, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    train = TensorImages(images, torch.arange(12) % 3, 3)
+    cfg = load_linear_config(DIGITS_LINEAR, ["linear.mode=augmented", "data.loader=ray", "data.image_size=16",
+                                             f"data.augment={augment}"], {"encoder.checkpoint": "x.pt"})
+    make_rows = ingest_rows(cfg, train)
+    ids = np.array([5, 0, 7, 11])
+    out, again = make_rows(train, ids), make_rows(train, ids)
+    assert out["view"].shape == (4, 3, 16, 16) and out["view"].dtype == np.float32
+    assert out["label"].tolist() == [2, 0, 1, 2] and out["id"].tolist() == [5, 0, 7, 11]
+    assert all(np.array_equal(out[k], again[k]) for k in out)
+    assert -3 < out["view"].mean() < 3 and out["view"].std() > 0.3  # normalised, not raw bytes
+
+
+@pytest.mark.parametrize("batch_rows", [8, 16, 12])
+def test_ingest_order_deals_each_rank_its_distributed_sampler_batches(batch_rows):
+    """`DistributedSamplerOrder` dealt in chunks of `batch_rows` to 2 ranks in turn (the ordered split): every
+    rank gets its `DistributedSampler`'s samples of the whole steps where the chunk divides its batch (16);
+    otherwise the epoch holds the same samples."""
+    import numpy as np
+    from torch.utils.data import DistributedSampler
+
+    from mocoray.data.ray_ingest import DistributedSamplerOrder
+
+    order = DistributedSamplerOrder(seed=3, world=2, per_rank_batch=16, batch_rows=batch_rows)(100, 4)
+    assert len(order) == 96 and len(set(order.tolist())) == 96  # 3 whole global batches of 32
+    dealt: dict[int, list[int]] = {0: [], 1: []}
+    for k, lo in enumerate(range(0, len(order), batch_rows)):
+        dealt[k % 2] += order[lo:lo + batch_rows].tolist()
+    expected = {}
+    for rank in (0, 1):
+        sampler = DistributedSampler(range(100), num_replicas=2, rank=rank, shuffle=True, seed=3)
+        sampler.set_epoch(4)
+        expected[rank] = list(sampler)[:48]
+    if 16 % batch_rows == 0:
+        assert dealt == expected
+    else:
+        assert set(order.tolist()) == set(expected[0] + expected[1]) and not np.array_equal(order[:16], expected[0][:16])
+
+
 def _resolve(**values):
     cfg = load_linear_config(DIGITS_LINEAR, cli_values={**values, "tracking.enabled": False})
     return resolve_encoder(cfg.encoder, cfg.tracking)
@@ -372,3 +433,47 @@ def test_official_checkpoint_file_runs_the_augmented_protocol_with_resize_and_cr
     assert res.status == "completed" and res.mlflow_run_id is None
     assert 0.0 <= res.metrics["linear_top1"] <= res.metrics["linear_top5"] <= 1.0
     assert res.encoder.source == str(path)
+
+
+def test_ray_ingest_feeds_the_augmented_protocol_each_ranks_sampler_batches(digits_pretrain, tmp_path):
+    """`data.loader: ray` in the augmented protocol, 2 workers, 2 epochs: every step of every epoch trains, on
+    each rank, the batch torch's `DistributedSampler` gives it there (whole global batches: the torch path's
+    last, short step is dropped), on views made by the ingest tasks; it learns, and MLflow gets the torch path's
+    record. (No torch run beside it: its crops are drawn differently, and it would double the test's ~40 s.)"""
+    import json
+
+    from torch.utils.data import DistributedSampler
+
+    pre, uri = digits_pretrain["result"], digits_pretrain["uri"]
+    protocol = {"linear.mode": "augmented", "data.loader": "ray", "data.max_images": 352, "optim.batch_size": 64,
+                "optim.epochs": 2, "optim.milestones": "[2]", "optim.lr": 0.1, "linear.feature_norm": "batchnorm",
+                "linear.crop_min_scale": 0.3, "linear.eval_every": 2, "run.num_workers": 2,
+                "run.cpus_per_worker": 0.5, "data.ingest.num_cpus": 0.5, "data.ingest.batch_rows": 16}
+    cfg = load_linear_config(DIGITS_LINEAR, _linear_overrides(tmp_path, "lin-ray", uri, **protocol),
+                             {"encoder.checkpoint": pre.checkpoint})
+    res = run_linear_eval(cfg, faults=Faults(batches_dir=str(tmp_path)))  # every step's sample ids per rank
+    steps: dict[tuple[int, int], dict[int, list[int]]] = {}
+    for rank in (0, 1):
+        for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            steps.setdefault((rec["epoch"], rec["step"]), {})[rec["rank"]] = rec["keys"]
+    assert sorted(steps) == [(e, s) for e in (0, 1) for s in range(5)]  # 352 // 64 steps; no short sixth
+    for epoch in (0, 1):
+        for rank in (0, 1):
+            sampler = DistributedSampler(range(352), num_replicas=2, rank=rank, shuffle=True, seed=0)
+            sampler.set_epoch(epoch)
+            ids = list(sampler)
+            assert [steps[epoch, s][rank] for s in range(5)] == [ids[s * 32:(s + 1) * 32] for s in range(5)]
+
+    c = mlflow.MlflowClient(uri)
+    run = c.get_run(res.mlflow_run_id)
+    assert res.status == "completed" and run.info.status == "FINISHED"
+    assert run.data.tags["mocoray.job"] == "linear" and run.data.tags["mocoray.linear_mode"] == "augmented"
+    assert run.data.params["data.loader"] == "ray" and run.data.tags["mocoray.fc_checkpoint"] == res.checkpoint
+    assert {"loss", "train_top1", "lr", "images_per_s", "epoch_time_s", "linear_top1", "linear_top5",
+            "linear_top1_final", "linear_top5_final"} <= set(run.data.metrics)
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert run.data.metrics["linear_top1_final"] == res.metrics["linear_top1"]
+    # it learns (10 classes; measured: train top-1 0.11 then 0.26, val top-1 0.17)
+    train_top1 = [m.value for m in c.get_metric_history(run.info.run_id, "train_top1")]
+    assert train_top1[1] > train_top1[0] and res.metrics["linear_top1"] > 0.13, (train_top1, res.metrics)

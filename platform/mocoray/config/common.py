@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -44,6 +44,29 @@ class DataConfig(Section):
         if self.name in ON_DISK_DATASETS and not self.root:
             raise ValueError(f"data.root is required for data.name={self.name!r}")
         return self
+
+
+class IngestConfig(Section):
+    """Where `data.loader: ray` reads, decodes and augments (pretraining; linear evaluation's augmented protocol):
+    the resources of each Ray Data map task."""
+
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs each ingest task holds")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom resources each ingest task needs, e.g. {ingest: 0.01} to run "
+        "only on nodes started with that resource (CPU-only ingest nodes)")
+    batch_rows: int = Field(64, ge=1, description="images per ingest task batch")
+    prefetch_batches: int = Field(2, ge=0, description="batches each training worker keeps ready ahead of its step")
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory") or not name:
+                raise ValueError(f"data.ingest.resources: {name!r} is not a custom resource name (CPUs are "
+                                 "data.ingest.num_cpus; ingest tasks take no GPU)")
+            if amount <= 0:
+                raise ValueError(f"data.ingest.resources.{name}={amount}: must be a positive amount")
+        return value
 
 
 class RunConfig(Section):

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..core.backbones import ARCHS
-from .common import DataConfig, RunConfig, Section, SGDConfig, TrackingConfig, load_recipe
+from .common import DataConfig, IngestConfig, RunConfig, Section, SGDConfig, TrackingConfig, load_recipe
 
 LINEAR_MODES = ("augmented", "center", "cached", "logreg")
 
@@ -73,6 +73,16 @@ class LinearProtocolConfig(Section):
     eval_batch_size: int = Field(256, ge=1, description="per-worker batch of validation / feature extraction")
 
 
+class LinearDataConfig(DataConfig):
+    """The labelled dataset, and where the augmented protocol's training views are made."""
+
+    loader: Literal["torch", "ray"] = Field(
+        "torch", description="torch: a DataLoader in each training worker; ray (linear.mode augmented only): a Ray "
+        "Data pipeline whose tasks read, decode and crop the training views wherever data.ingest places them, "
+        "streamed to the workers (validation stays on the torch loader)")
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+
+
 class LinearOptimConfig(SGDConfig):
     """SGD on the fc layer only. Defaults: the MoCo paper's ImageNet linear protocol."""
 
@@ -109,7 +119,7 @@ class DownstreamConfig(Section):
 
 
 class LinearConfig(DownstreamConfig):
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: LinearDataConfig = Field(default_factory=LinearDataConfig)
     linear: LinearProtocolConfig = Field(default_factory=LinearProtocolConfig)
     optim: LinearOptimConfig = Field(default_factory=LinearOptimConfig)
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="linear"))
@@ -124,6 +134,10 @@ class LinearConfig(DownstreamConfig):
     @model_validator(mode="after")
     def _consistent(self) -> LinearConfig:
         self.optim.check_batch_divides(self.run.num_workers)
+        if self.data.loader == "ray" and self.linear.mode != "augmented":
+            raise ValueError(f"data.loader='ray' is for linear.mode='augmented' (new crops of every image every epoch); "
+                             f"with linear.mode={self.linear.mode!r} data.loader must be 'torch' (allowed: torch, "
+                             "ray with linear.mode augmented)")
         return self
 
 

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..core.backbones import ARCHS
 from ..core.vit import VIT_CONFIGS
-from .common import DataConfig, RunConfig, Section, SGDConfig, TrackingConfig, load_recipe
+from .common import DataConfig, IngestConfig, RunConfig, Section, SGDConfig, TrackingConfig, load_recipe
 
 # What `mocoray pretrain` runs when no recipe is given: the CPU demo (experiments/ links to it).
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "digits_moco_v2.yaml"
@@ -93,28 +93,6 @@ class MocoConfig(Section):
             raise ValueError(f"moco.head_bn=true needs the MLP head (moco.mlp true, or moco.version v2); this "
                              f"recipe has a linear head (version {self.version!r}, mlp {self.mlp})")
         return self
-
-
-class IngestConfig(Section):
-    """Where `data.loader: ray` reads, decodes and augments: the resources of each Ray Data map task."""
-
-    num_cpus: float = Field(1.0, gt=0.0, description="CPUs each ingest task holds")
-    resources: dict[str, float] = Field(
-        default_factory=dict, description="custom resources each ingest task needs, e.g. {ingest: 0.01} to run "
-        "only on nodes started with that resource (CPU-only ingest nodes)")
-    batch_rows: int = Field(64, ge=1, description="images per ingest task batch")
-    prefetch_batches: int = Field(2, ge=0, description="batches each training worker keeps ready ahead of its step")
-
-    @field_validator("resources")
-    @classmethod
-    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
-        for name, amount in value.items():
-            if name in ("CPU", "GPU", "memory", "object_store_memory") or not name:
-                raise ValueError(f"data.ingest.resources: {name!r} is not a custom resource name (CPUs are "
-                                 "data.ingest.num_cpus; ingest tasks take no GPU)")
-            if amount <= 0:
-                raise ValueError(f"data.ingest.resources.{name}={amount}: must be a positive amount")
-        return value
 
 
 class PretrainDataConfig(DataConfig):

@@ -91,13 +91,16 @@ def link_back(job: JobRun, encoder: EncoderSource, tag: str, kind: str, metrics:
 
 
 def downstream_trainer(job: JobRun, cfg, encoder: EncoderSource, faults, open_run: Callable[..., str],
-                       records: Callable[[], list], train_loop: Callable[[dict], None]):
+                       records: Callable[[], list], train_loop: Callable[[dict], None], datasets: dict | None = None,
+                       **loop_fields):
     """Open the job's MLflow run (`open_run(cfg, encoder, run_dir, uri)`) with its config, command line and
-    dataset `records` as the run's record, then make its Ray trainer."""
+    dataset `records` as the run's record, then make its Ray trainer (`datasets`: its Ray Datasets, split across
+    the workers; `loop_fields`: more of the workers' loop config)."""
     if cfg.tracking.enabled:
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
         job.open_tracking(uri, open_run, cfg, encoder, job.run_dir, uri)
         record_job_start(job.tracking_uri, job.mlflow_run_id, dump_yaml(cfg), records)
         update_description(job.tracking_uri, job.mlflow_run_id)
-    loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), encoder=asdict(encoder), faults=faults.to_dict())
-    return runtime.make_torch_trainer(train_loop, loop_config, cfg.run, job.storage_path)
+    loop_config = job.loop_config(cfg=cfg.model_dump(mode="json"), encoder=asdict(encoder), faults=faults.to_dict(),
+                                  **loop_fields)
+    return runtime.make_torch_trainer(train_loop, loop_config, cfg.run, job.storage_path, datasets=datasets)

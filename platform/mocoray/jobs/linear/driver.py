@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...config import LinearConfig, load_linear_config
+from ...data import labelled_splits, take
 from ...data.fingerprint import dataset_records
+from ...data.ray_ingest import DistributedSamplerOrder, rows_dataset, start_clock
 from ...encoders import EncoderSource, resolve_encoder
 from ...table import render_table
 from ...tracking.client import (
@@ -37,7 +39,7 @@ from .. import runtime
 from ..downstream import downstream_trainer, link_back, open_downstream_run, run_guarded
 from ..faults import Faults
 from ..preflight import check_linear_inputs
-from .features import build_frozen_backbone
+from .features import build_frozen_backbone, ingest_rows
 from .loop import train_loop_per_worker
 
 LINEAR_RUN_TAG = "mocoray.linear_run_id"  # set on the pretraining run: its newest linear evaluation
@@ -83,13 +85,37 @@ def run_linear_eval(cfg: LinearConfig, address: str | None = None, resume: bool 
     build_frozen_backbone(encoder, cfg.run.seed, cfg.encoder.vit_pool)  # load once here: a bad file fails before Ray starts
     for warning in check_linear_inputs(cfg):
         print(f"[mocoray] warning: {warning}", file=sys.stderr)
-    return run_guarded(cfg.run, resume, address, LinearEvalFailed, lambda job: _fit(job, cfg, encoder, faults, resume))
+    train = ingest_train_set(cfg) if cfg.data.loader == "ray" else None
+    return run_guarded(cfg.run, resume, address, LinearEvalFailed,
+                       lambda job: _fit(job, cfg, encoder, faults, resume, train))
 
 
-def _fit(job: runtime.JobRun, cfg: LinearConfig, encoder: EncoderSource, faults: Faults, resume: bool
+def ingest_train_set(cfg: LinearConfig):
+    """The training images `data.loader: ray` feeds its ingest tasks (the workers' own `train_raw`), refused
+    when they hold no whole global batch (that path trains whole global batches only)."""
+    train = take(labelled_splits(cfg.data)[0], cfg.data.max_images)
+    if len(train) < cfg.optim.batch_size:
+        raise ValueError(f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(train)} training images: "
+                         "data.loader='ray' trains whole global batches only")
+    return train
+
+
+def ingest_dataset_of(cfg: LinearConfig, train, clock):
+    """The Ray Dataset of `data.loader: ray` (augmented protocol): one training view and the label per sample,
+    whole global batches of each epoch, every rank's rows its `DistributedSampler`'s (see `DistributedSamplerOrder`)."""
+    world, ingest = cfg.run.num_workers, cfg.data.ingest
+    order = DistributedSamplerOrder(cfg.run.seed, world, cfg.optim.batch_size // world, ingest.batch_rows)
+    return rows_dataset(train, len(train) // cfg.optim.batch_size * cfg.optim.batch_size, ingest_rows(cfg, train),
+                        order, ingest.num_cpus, ingest.resources, ingest.batch_rows, cfg.optim.batch_size, clock)
+
+
+def _fit(job: runtime.JobRun, cfg: LinearConfig, encoder: EncoderSource, faults: Faults, resume: bool, train
          ) -> LinearResult:
+    clock = start_clock() if train is not None else None
     trainer = downstream_trainer(job, cfg, encoder, faults, _open_mlflow_run, lambda: dataset_records(cfg.data),
-                                 train_loop_per_worker)
+                                 train_loop_per_worker,
+                                 datasets={"train": ingest_dataset_of(cfg, train, clock)} if clock else None,
+                                 ingest_clock=clock)
     try:
         result = runtime.fit(trainer)
         error = None

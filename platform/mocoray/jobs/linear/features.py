@@ -4,6 +4,9 @@ labelled views, and the fc layer's inputs (features cached once, or images throu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -16,6 +19,7 @@ from ...core.features import extract_features
 from ...core.vit import ViTBackbone
 from ...data import image_batches
 from ...data.base import Resized, SkipCorrupt, TensorImages, Transformed, collate_batch, to_uint8_tensor
+from ...data.ray_ingest import MakeRows, make_labelled_view
 from ...encoders import EncoderSource, load_backbone
 
 
@@ -124,6 +128,20 @@ def train_transform(cfg: LinearConfig):
     return T.Compose([*ops, T.ToTensor(), T.Normalize(spec.mean, spec.std)])
 
 
+def ingest_rows(cfg: LinearConfig, train_raw: Dataset) -> MakeRows:
+    """What the ingest tasks make of a chunk with `data.loader: ray` (augmented protocol): each sample's training
+    view as the torch path makes it (`train_transform` per image; an in-memory set with `data.augment: device`:
+    `BatchAugment` of the same spec on its stored images) and its label."""
+    batched = isinstance(train_raw, TensorImages) and cfg.data.augment == "device"
+    return partial(make_labelled_view, spec=_augment_spec(cfg), transform=None if batched else train_transform(cfg),
+                   run_seed=cfg.run.seed)
+
+
+def labelled_view_item(batch: dict) -> tuple:
+    """A `data.loader: ray` batch as the torch path's loader items: `(views, labels, sample ids)`."""
+    return batch["view"], batch["label"], batch["id"]
+
+
 def _training_views(cfg: LinearConfig, train_raw: Dataset, train_center: Dataset | None
                     ) -> tuple[Dataset, BatchAugment | None]:
     """What the train loader serves in the center / augmented protocols, and the batched augmentation
@@ -168,15 +186,22 @@ class StreamedFeatures:
     """Images through the frozen backbone at every step (the `augmented` and `center` protocols)."""
 
     def __init__(self, backbone: nn.Module, train_raw: Dataset, train_center: Dataset | None, val_center: Dataset,
-                 cfg: LinearConfig, device: torch.device, sampler: DistributedSampler, unfrozen: bool) -> None:
+                 cfg: LinearConfig, device: torch.device, sampler: DistributedSampler | None, unfrozen: bool,
+                 train_loader=None) -> None:
+        """`train_loader`: the `data.loader: ray` shard's (views, labels, sample ids) batches, the views made by
+        the ingest tasks; None: a DataLoader of `train_raw`'s views with `sampler`. Validation always reads
+        `val_center` here, each rank its share (a single pass that must see every image)."""
         self.backbone, self.cfg, self.device, self.unfrozen = backbone, cfg, device, unfrozen
         rank, world = rank_world()
         pin, workers, size = device.type == "cuda", cfg.data.loader_workers, cfg.data.image_size
-        train_items, self.augment = _training_views(cfg, train_raw, train_center)
-        self.num_train = len(train_items)  # type: ignore[arg-type]
         mine = list(range(rank, len(val_center), world))  # type: ignore[arg-type]
         val_part = val_center.subset(mine) if isinstance(val_center, TensorImages) else Subset(val_center, mine)
         self.val_loader = _loader(_as_loader_items(val_part, size), cfg.linear.eval_batch_size, None, workers, pin)
+        self.num_train = len(train_raw)  # type: ignore[arg-type]
+        if train_loader is not None:
+            self.train_loader, self.augment = train_loader, None
+            return
+        train_items, self.augment = _training_views(cfg, train_raw, train_center)
         self.train_loader = _loader(train_items, cfg.optim.batch_size // world, sampler, workers, pin)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,8 +210,11 @@ class StreamedFeatures:
         with torch.set_grad_enabled(self.unfrozen), autocast(self.device.type, self.cfg.run.amp):
             return self.backbone(x).float()  # the fc layer always trains in float32
 
-    def train_batches(self, sampler: DistributedSampler, per_worker: int):
-        for x, y, _ in self.train_loader:
+    def train_batches(self, sampler, per_worker: int, record: Callable[[int, torch.Tensor], None] | None = None):
+        """(features, labels) per step; `record(step, sample ids)` for each batch (`data.loader: ray` only)."""
+        for step, (x, y, keys) in enumerate(self.train_loader):
+            if record is not None:
+                record(step, keys)
             x = x.to(self.device, non_blocking=True)
             if self.augment is not None:
                 x = self.augment(x)

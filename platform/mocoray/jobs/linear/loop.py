@@ -20,6 +20,7 @@ from ...core.distributed import all_reduce_sum, rank_world
 from ...core.logreg import fit_logreg
 from ...core.schedule import lr_at
 from ...data import labelled_splits, take
+from ...data.ray_ingest import ShardLoader
 from ...encoders import EncoderSource
 from ...tracking.artifacts import log_environment
 from ...tracking.client import (
@@ -38,6 +39,7 @@ from .features import (
     backbone_snapshot,
     build_frozen_backbone,
     center_views,
+    labelled_view_item,
 )
 
 
@@ -135,7 +137,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = LinearConfig.model_validate(loop_config["cfg"])
     encoder = EncoderSource(**loop_config["encoder"])
-    unfrozen = Faults(**loop_config["faults"]).unfreeze_backbone
+    faults = Faults(**loop_config["faults"])
+    unfrozen = faults.unfreeze_backbone
     rank, world = rank_world()
     runtime.start_worker_console(loop_config, rank)
     device = runtime.worker_device(cfg.run)
@@ -178,17 +181,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     classifier = ray.train.torch.prepare_model(head, move_to_device=False) if world > 1 else head
 
     t0 = time.perf_counter()
+    per_worker = cfg.optim.batch_size // world
+    shard = None
     if mode in ("cached", "logreg"):
         source: CachedFeatures | StreamedFeatures = CachedFeatures(backbone, train_center, val_center, cfg, device)
         sampler = DistributedSampler(range(source.num_train), num_replicas=world, rank=rank, shuffle=True,
                                      seed=cfg.run.seed)
+    elif cfg.data.loader == "ray":  # augmented views made by the ingest tasks, this rank's DistributedSampler order
+        shard = ShardLoader(ray.train.get_dataset_shard("train"), loop_config["ingest_clock"], per_worker,
+                            len(train_raw) // cfg.optim.batch_size, cfg.data.ingest.prefetch_batches,
+                            labelled_view_item)
+        source = StreamedFeatures(backbone, train_raw, train_center, val_center, cfg, device, None, unfrozen, shard)
     else:
         sampler = DistributedSampler(range(len(train_raw)), num_replicas=world, rank=rank, shuffle=True,
                                      seed=cfg.run.seed)
         source = StreamedFeatures(backbone, train_raw, train_center, val_center, cfg, device, sampler, unfrozen)
     extract_s = time.perf_counter() - t0
-    per_worker = cfg.optim.batch_size // world
-    steps_per_epoch = -(-sampler.num_samples // per_worker)
+    # the ray path trains whole global batches only; the torch path's last step may be short
+    steps_per_epoch = shard.steps_per_epoch if shard is not None else -(-sampler.num_samples // per_worker)
     sharded_val = isinstance(source, StreamedFeatures)
 
     logger = MetricLogger(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")) if rank == 0 else None
@@ -203,10 +213,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 f"{steps_per_epoch} steps/epoch" + (f"; features cached in {extract_s:.1f}s" if mode in ("cached", "logreg") else ""))
 
     for epoch in range(start_epoch, cfg.optim.epochs):
-        sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        train = train_one_epoch(classifier, optimizer, source.train_batches(sampler, per_worker), cfg, epoch,
-                                steps_per_epoch, device)
+        if shard is not None:
+            shard.set_epoch(epoch)  # the next pass serves this epoch (its first step: resumes are at epoch ends)
+            record = (lambda step, keys, e=epoch: faults.record_batch(e, step, rank, keys)) if faults.batches_dir else None
+            batches = source.train_batches(shard, per_worker, record)  # type: ignore[call-arg]
+        else:
+            sampler.set_epoch(epoch)
+            batches = source.train_batches(sampler, per_worker)
+        train = train_one_epoch(classifier, optimizer, batches, cfg, epoch, steps_per_epoch, device)
         epoch_no = epoch + 1
         last = epoch_no == cfg.optim.epochs
         evaluated = epoch_no % cfg.linear.eval_every == 0 or last

@@ -15,6 +15,7 @@ from ...config import PretrainConfig
 from ...core.augment import AugmentSpec, BatchAugment, moco_spec, two_view_transform
 from ...data.base import Resized, SkipCorrupt, TensorImages, Transformed, collate_batch
 from ...data.device_decode import DeviceJpegAugment, collate_encoded, encoded_train_dataset
+from ...data.ray_ingest import ShardLoader
 from ...data.sampler import GlobalBatchSampler
 
 
@@ -55,40 +56,9 @@ def train_loader(cfg: PretrainConfig, dataset, rank: int, world: int) -> tuple[D
     return loader, sampler
 
 
-class ShardLoader:
-    """This rank's two-view batches from its Ray Data shard (`data.loader: ray`), shaped like `train_loader`'s:
-    `(views, sample ids, images replaced)` items, `len()` steps left in the epoch, and `sampler` for the epoch.
-
-    `set_epoch` tells the pipeline (through its `PassClock`) which epoch and first step the next pass serves:
-    the epoch's global order from that step on, as on the torch path (see docs/design.md, "Ray Data ingest").
-    Every rank's shard holds the same number of rows (Ray Train splits with equal=True, and the pass holds whole
-    global batches only), so every rank takes the same number of steps.
-    """
-
-    def __init__(self, shard, clock, per_rank_batch: int, steps_per_epoch: int, prefetch_batches: int) -> None:
-        self.shard, self.clock, self.per_rank_batch = shard, clock, per_rank_batch
-        self.steps_per_epoch, self.prefetch_batches, self.start_step = steps_per_epoch, prefetch_batches, 0
-        self.sampler = self
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        import ray
-
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step {start_step} outside an epoch of {self.steps_per_epoch} steps")
-        self.start_step = start_step
-        # Every rank sets the same values; the pass starts only once all ranks ask for it (and the previous one
-        # ended, all its tasks done, before any rank saw its end), so its tasks all read these.
-        ray.get(self.clock.set.remote(epoch, start_step))
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
-
-    def __iter__(self):
-        batches = self.shard.iter_torch_batches(batch_size=self.per_rank_batch, drop_last=True,
-                                                prefetch_batches=self.prefetch_batches)
-        for step, batch in enumerate(batches):
-            if step < len(self):  # read to the end, so that every rank's next pass starts from a finished one
-                yield (batch["view_q"], batch["view_k"]), batch["id"], int(batch["replaced"].sum())
+def two_view_item(batch: dict) -> tuple:
+    """A `data.loader: ray` batch as `train_loader`'s items: `(views, sample ids, images replaced)`."""
+    return (batch["view_q"], batch["view_k"]), batch["id"], int(batch["replaced"].sum())
 
 
 def ray_train_loader(cfg: PretrainConfig, num_images: int, world: int, clock) -> ShardLoader:
@@ -96,7 +66,7 @@ def ray_train_loader(cfg: PretrainConfig, num_images: int, world: int, clock) ->
     import ray.train
 
     return ShardLoader(ray.train.get_dataset_shard("train"), clock, cfg.optim.batch_size // world,
-                       num_images // cfg.optim.batch_size, cfg.data.ingest.prefetch_batches)
+                       num_images // cfg.optim.batch_size, cfg.data.ingest.prefetch_batches, two_view_item)
 
 
 TwoViews = Callable[[Any, torch.device], tuple[torch.Tensor, torch.Tensor, int]]
