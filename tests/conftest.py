@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -250,3 +251,13 @@ def k_m_tau_sweep(ray_session, tmp_path_factory):
     finally:
         set_recipes()
     return {"res": res, "sweep": sweep, "linear": linear, "tmp": tmp}
+
+
+def recorded_batches(folder: Path) -> dict[tuple[int, int], dict[int, list[int]]]:
+    """{(epoch, step): {rank: sample ids}} from the `Faults.batches_dir` records (one rank<r>.jsonl per rank)."""
+    steps: dict[tuple[int, int], dict[int, list[int]]] = {}
+    for path in sorted(folder.glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            steps.setdefault((rec["epoch"], rec["step"]), {})[rec["rank"]] = rec["keys"]
+    return steps

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import EXPERIMENTS
+from conftest import EXPERIMENTS, recorded_batches
 from mocoray.cli import main
 from mocoray.config import ConfigError, load_config, load_linear_config
 from mocoray.core.backbones import build_backbone
@@ -440,7 +440,6 @@ def test_ray_ingest_feeds_the_augmented_protocol_each_ranks_sampler_batches(digi
     each rank, the batch torch's `DistributedSampler` gives it there (whole global batches: the torch path's
     last, short step is dropped), on views made by the ingest tasks; it learns, and MLflow gets the torch path's
     record. (No torch run beside it: its crops are drawn differently, and it would double the test's ~40 s.)"""
-    import json
 
     from torch.utils.data import DistributedSampler
 
@@ -452,11 +451,7 @@ def test_ray_ingest_feeds_the_augmented_protocol_each_ranks_sampler_batches(digi
     cfg = load_linear_config(DIGITS_LINEAR, _linear_overrides(tmp_path, "lin-ray", uri, **protocol),
                              {"encoder.checkpoint": pre.checkpoint})
     res = run_linear_eval(cfg, faults=Faults(batches_dir=str(tmp_path)))  # every step's sample ids per rank
-    steps: dict[tuple[int, int], dict[int, list[int]]] = {}
-    for rank in (0, 1):
-        for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            steps.setdefault((rec["epoch"], rec["step"]), {})[rec["rank"]] = rec["keys"]
+    steps = recorded_batches(tmp_path)
     assert sorted(steps) == [(e, s) for e in (0, 1) for s in range(5)]  # 352 // 64 steps; no short sixth
     for epoch in (0, 1):
         for rank in (0, 1):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import EXPERIMENTS
+from conftest import EXPERIMENTS, recorded_batches
 from local_cluster import Driver, LocalCluster
 from mocoray.config import load_config
 from mocoray.core.augment import BatchAugment, moco_spec, two_view_transform
@@ -86,16 +86,6 @@ def ingest_run(ingest_cluster, digit_folder, tmp_path_factory):
     return {"first": res_first, "resumed": res, "tmp": tmp, "cluster": cluster, "ingest": ingest}
 
 
-def _batches(folder: Path) -> dict[tuple[int, int], dict[int, list[int]]]:
-    """{(epoch, step): {rank: sample ids}} from the `Faults.batches_dir` records."""
-    steps: dict[tuple[int, int], dict[int, list[int]]] = {}
-    for path in sorted(folder.glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            steps.setdefault((rec["epoch"], rec["step"]), {})[rec["rank"]] = rec["keys"]
-    return steps
-
-
 def test_ray_ingest_runs_its_map_tasks_on_the_ingest_node_and_training_elsewhere(ingest_run):
     assert ingest_run["first"]["status"] == "completed" and ingest_run["resumed"]["status"] == "completed"
     cluster, ingest = ingest_run["cluster"], ingest_run["ingest"]
@@ -108,7 +98,7 @@ def test_ray_ingest_runs_its_map_tasks_on_the_ingest_node_and_training_elsewhere
     assert len(clocks) == 2 and {a["node_id"] for a in clocks} == {cluster.head.node_id}  # the drivers' node
 
 
-def _torch_path_batches(epoch: int) -> dict[int, dict[int, list[int]]]:
+def _torch_pathrecorded_batches(epoch: int) -> dict[int, dict[int, list[int]]]:
     """{step: {rank: sample ids}} the torch path's sampler serves in `epoch` (run.seed 0, 2 ranks, batch 128)."""
     out: dict[int, dict[int, list[int]]] = {}
     for rank in (0, 1):
@@ -124,13 +114,13 @@ def test_each_epoch_trains_the_torch_paths_batches_on_both_ranks(ingest_run):
     """Every step of an uninterrupted epoch: equal, disjoint rank batches, and exactly the torch path's (the
     epoch's order is `epoch_permutation(seed, epoch)` on both paths; data.ingest.batch_rows 64 is the per-rank
     batch, so each rank's batch is one ingest chunk and the split alternates them in order)."""
-    steps = _batches(ingest_run["tmp"] / "first")
+    steps = recorded_batches(ingest_run["tmp"] / "first")
     per_epoch = (TRAIN_IMAGES + CORRUPT) // 128
     assert sorted(steps) == [(e, s) for e in range(EPOCHS) for s in range(per_epoch)]
     for ranks in steps.values():
         assert sorted(ranks) == [0, 1] and len(ranks[0]) == len(ranks[1]) == 64
         assert not set(ranks[0]) & set(ranks[1])
-    expected = _torch_path_batches(0)
+    expected = _torch_pathrecorded_batches(0)
     assert {s: steps[(0, s)] for s in range(per_epoch)} == expected
     seen = [i for s in range(per_epoch) for i in steps[(0, s)][0] + steps[(0, s)][1]]
     assert len(seen) == len(set(seen)) == TRAIN_IMAGES + CORRUPT  # every file once in an uninterrupted epoch
@@ -141,9 +131,9 @@ def test_a_restart_from_a_mid_epoch_checkpoint_trains_the_rest_of_the_epoch_exac
     trains steps s..S-1 of that epoch's order, on the ranks an uninterrupted run would (no image twice, none
     left out), as the torch path does."""
     assert (ingest_run["tmp"] / "crashed").exists()
-    steps = _batches(ingest_run["tmp"] / "first")
+    steps = recorded_batches(ingest_run["tmp"] / "first")
     per_epoch = (TRAIN_IMAGES + CORRUPT) // 128
-    assert {s: steps[(1, s)] for s in range(per_epoch)} == _torch_path_batches(1)
+    assert {s: steps[(1, s)] for s in range(per_epoch)} == _torch_pathrecorded_batches(1)
     trained = [i for s in range(per_epoch) for r in (0, 1) for i in steps[(1, s)][r]]
     assert len(trained) == len(set(trained)) == TRAIN_IMAGES + CORRUPT
 
@@ -156,7 +146,7 @@ def test_corrupt_files_are_counted_once_each_per_epoch(ingest_run, digit_folder)
     train, _val, _ = imagefolder_splits(str(digit_folder))
     broken = {i for i, path in enumerate(train.paths) if "broken_" in str(path)}
     assert len(broken) == CORRUPT
-    steps = _batches(ingest_run["tmp"] / "first")
+    steps = recorded_batches(ingest_run["tmp"] / "first")
     restarted = {i for (e, s), ranks in steps.items() if e == 1 and s >= 1 for r in (0, 1) for i in ranks[r]}
     res = ingest_run["resumed"]
     client = mlflow.MlflowClient(res["tracking_uri"])
@@ -168,11 +158,11 @@ def test_corrupt_files_are_counted_once_each_per_epoch(ingest_run, digit_folder)
 def test_resume_at_an_epoch_boundary_continues_with_the_next_epoch(ingest_run):
     """As on the torch path: the resumed run restores the epoch-EPOCHS checkpoint and trains only the next epoch,
     on that epoch's batches, its steps numbered on from there, and MLflow gets each epoch once."""
-    steps = _batches(ingest_run["tmp"] / "resumed")
+    steps = recorded_batches(ingest_run["tmp"] / "resumed")
     per_epoch = (TRAIN_IMAGES + CORRUPT) // 128
     assert sorted(steps) == [(EPOCHS, s) for s in range(per_epoch)]
     # the batches an uninterrupted run trains in that epoch, though this attempt's first pass is its first
-    assert {s: steps[(EPOCHS, s)] for s in range(per_epoch)} == _torch_path_batches(EPOCHS)
+    assert {s: steps[(EPOCHS, s)] for s in range(per_epoch)} == _torch_pathrecorded_batches(EPOCHS)
     res = ingest_run["resumed"]
     assert res["metrics"]["epoch"] == EPOCHS + 1
     client = mlflow.MlflowClient(res["tracking_uri"])
@@ -252,7 +242,7 @@ def _passes(dataset: TensorImages, plan: list[tuple[int, int]]) -> list[dict[int
         got: dict[int, list] = {}
 
         def read(rank: int, got: dict[int, list] = got) -> None:  # ranks read at once: a pass waits for all
-            got[rank] = [(int(i), q) for b in splits[rank].iter_batches(batch_size=16, batch_format="numpy")
+            got[rank] = [(int(i), q) for b in splits[rank].iterrecorded_batches(batch_size=16, batch_format="numpy")
                          for i, q in zip(b["id"], b["view_q"], strict=True)]
 
         threads = [threading.Thread(target=read, args=(r,)) for r in (0, 1)]

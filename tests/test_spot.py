@@ -10,7 +10,6 @@ the test has done its deed (stopped a server, drained a node, ...).
 from __future__ import annotations
 
 import io
-import json
 import time
 from pathlib import Path
 
@@ -19,7 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MlflowServer, free_port, tiny_pretrain_overrides, tiny_v3_overrides, wait_until
+from conftest import (
+    MlflowServer,
+    free_port,
+    recorded_batches,
+    tiny_pretrain_overrides,
+    tiny_v3_overrides,
+    wait_until,
+)
 from local_cluster import Driver, LocalCluster
 from mocoray.config import load_config
 from mocoray.data.sampler import epoch_permutation
@@ -207,7 +213,7 @@ def test_elastic_v3_with_ray_data_ingest_shrinks_when_a_node_dies_and_grows_when
     # samples of the torch path's order, split across as many ranks as the epoch had
     assert _final(res["checkpoint"])["train"]["global_step"] == 3 * 16
     seed = load_config(None, overrides).run.seed
-    trained = _batches(batches)
+    trained = recorded_batches(batches)
     for epoch, world in enumerate([2, 1, 2]):
         order = epoch_permutation(256, seed, epoch).tolist()
         for step in range(16):
@@ -215,16 +221,6 @@ def test_elastic_v3_with_ray_data_ingest_shrinks_when_a_node_dies_and_grows_when
             assert sorted(ranks) == list(range(world)), (epoch, step, sorted(ranks))
             assert [i for r in range(world) for i in ranks[r]] == order[16 * step:16 * (step + 1)], (epoch, step)
     assert {epoch for epoch, _ in trained} == {0, 1, 2} and len(trained) == 3 * 16
-
-
-def _batches(folder: Path) -> dict[tuple[int, int], dict[int, list[int]]]:
-    """{(epoch, step): {rank: sample ids}} from the `Faults.batches_dir` records."""
-    steps: dict[tuple[int, int], dict[int, list[int]]] = {}
-    for path in sorted(folder.glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            steps.setdefault((rec["epoch"], rec["step"]), {})[rec["rank"]] = rec["keys"]
-    return steps
 
 
 def _wait_for_world_size(tmp_path: Path, run_name: str, size: int, after: int, timeout: float = 600) -> None:
