@@ -98,7 +98,7 @@ def test_ray_ingest_runs_its_map_tasks_on_the_ingest_node_and_training_elsewhere
     assert len(clocks) == 2 and {a["node_id"] for a in clocks} == {cluster.head.node_id}  # the drivers' node
 
 
-def _torch_pathrecorded_batches(epoch: int) -> dict[int, dict[int, list[int]]]:
+def _torch_path_batches(epoch: int) -> dict[int, dict[int, list[int]]]:
     """{step: {rank: sample ids}} the torch path's sampler serves in `epoch` (run.seed 0, 2 ranks, batch 128)."""
     out: dict[int, dict[int, list[int]]] = {}
     for rank in (0, 1):
@@ -120,7 +120,7 @@ def test_each_epoch_trains_the_torch_paths_batches_on_both_ranks(ingest_run):
     for ranks in steps.values():
         assert sorted(ranks) == [0, 1] and len(ranks[0]) == len(ranks[1]) == 64
         assert not set(ranks[0]) & set(ranks[1])
-    expected = _torch_pathrecorded_batches(0)
+    expected = _torch_path_batches(0)
     assert {s: steps[(0, s)] for s in range(per_epoch)} == expected
     seen = [i for s in range(per_epoch) for i in steps[(0, s)][0] + steps[(0, s)][1]]
     assert len(seen) == len(set(seen)) == TRAIN_IMAGES + CORRUPT  # every file once in an uninterrupted epoch
@@ -133,7 +133,7 @@ def test_a_restart_from_a_mid_epoch_checkpoint_trains_the_rest_of_the_epoch_exac
     assert (ingest_run["tmp"] / "crashed").exists()
     steps = recorded_batches(ingest_run["tmp"] / "first")
     per_epoch = (TRAIN_IMAGES + CORRUPT) // 128
-    assert {s: steps[(1, s)] for s in range(per_epoch)} == _torch_pathrecorded_batches(1)
+    assert {s: steps[(1, s)] for s in range(per_epoch)} == _torch_path_batches(1)
     trained = [i for s in range(per_epoch) for r in (0, 1) for i in steps[(1, s)][r]]
     assert len(trained) == len(set(trained)) == TRAIN_IMAGES + CORRUPT
 
@@ -162,7 +162,7 @@ def test_resume_at_an_epoch_boundary_continues_with_the_next_epoch(ingest_run):
     per_epoch = (TRAIN_IMAGES + CORRUPT) // 128
     assert sorted(steps) == [(EPOCHS, s) for s in range(per_epoch)]
     # the batches an uninterrupted run trains in that epoch, though this attempt's first pass is its first
-    assert {s: steps[(EPOCHS, s)] for s in range(per_epoch)} == _torch_pathrecorded_batches(EPOCHS)
+    assert {s: steps[(EPOCHS, s)] for s in range(per_epoch)} == _torch_path_batches(EPOCHS)
     res = ingest_run["resumed"]
     assert res["metrics"]["epoch"] == EPOCHS + 1
     client = mlflow.MlflowClient(res["tracking_uri"])
@@ -242,7 +242,7 @@ def _passes(dataset: TensorImages, plan: list[tuple[int, int]]) -> list[dict[int
         got: dict[int, list] = {}
 
         def read(rank: int, got: dict[int, list] = got) -> None:  # ranks read at once: a pass waits for all
-            got[rank] = [(int(i), q) for b in splits[rank].iterrecorded_batches(batch_size=16, batch_format="numpy")
+            got[rank] = [(int(i), q) for b in splits[rank].iter_batches(batch_size=16, batch_format="numpy")
                          for i, q in zip(b["id"], b["view_q"], strict=True)]
 
         threads = [threading.Thread(target=read, args=(r,)) for r in (0, 1)]
