@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -32,44 +33,57 @@ def _history(client, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_two_worker_run_checkpoints_reports_and_logs_to_mlflow(ray_session, tmp_path):
-    cfg = load_config(None, tiny_pretrain_overrides(tmp_path, "two-workers", **{"run.num_workers": 2,
-                                                                                 "run.cpus_per_worker": 0.5}))
-    res = run_pretrain(cfg)
-    assert res.status == "completed" and res.metrics["epoch"] == 2
+# One uninterrupted 2-worker run (3 epochs) serves three tests: what a run leaves behind, the refusal to start it
+# again without --resume, and the reference for the resumed run. Each Ray Train run costs ~15 s to start on CI.
+STRAIGHT = {"run.num_workers": 2, "run.cpus_per_worker": 0.5, "optim.schedule": "constant", "run.keep_checkpoints": 5}
+
+
+@pytest.fixture(scope="module")
+def straight_run(ray_session, tmp_path_factory, _mlflow_store_template):
+    tmp = tmp_path_factory.mktemp("straight")
+    shutil.copyfile(_mlflow_store_template, tmp / "mlflow.db")
+    cfg = load_config(None, tiny_pretrain_overrides(tmp, "straight", **STRAIGHT, **{"optim.epochs": 3}))
+    return {"cfg": cfg, "res": run_pretrain(cfg), "tmp": tmp}
+
+
+def test_two_worker_run_checkpoints_reports_and_logs_to_mlflow(straight_run):
+    res = straight_run["res"]
+    assert res.status == "completed" and res.metrics["epoch"] == 3
     ckpts = sorted(p.name for p in Path(res.run_dir).glob("epoch_*"))
-    assert ckpts == ["epoch_0001", "epoch_0002"]
+    assert ckpts == ["epoch_0001", "epoch_0002", "epoch_0003"]
     final = Path(res.checkpoint)
-    assert final.name == "epoch_0002"
+    assert final.name == "epoch_0003"
     # every file is tensors-only; both ranks left their RNG state
     for name in ["model.pt", "optimizer.pt", "scaler.pt", "train_state.pt", "rng_rank0.pt", "rng_rank1.pt"]:
         torch.load(final / name, weights_only=True)
     state = torch.load(final / "model.pt", weights_only=True)
-    assert state["queue.keys"].shape == (64, 128) and int(state["queue.ptr"]) == (2 * 4 * 32) % 64
+    # 3 epochs x 4 steps x 32 keys into a queue of 64: the pointer wraps to 0 (test_queue.py pins the wrap-around)
+    assert state["queue.keys"].shape == (64, 128) and int(state["queue.ptr"]) == (3 * 4 * 32) % 64
     meta = read_meta(str(final))
     assert meta["bn_mode_effective"] == "shuffle" and meta["world_size"] == 2
     # the exported backbone is a plain state_dict of the same architecture
     net, _ = build_backbone("small_resnet")
     net.load_state_dict(backbone_state_dict(res.backbone_path))
 
-    client = _client(tmp_path)
+    client = _client(straight_run["tmp"])
     run = client.get_run(res.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["moco.queue_size"] == "64" and run.data.params["moco.momentum"] == "0.99"
     assert run.data.tags["mocoray.job"] == "pretrain"
     assert run.data.tags["mocoray.bn_mode_effective"] == "shuffle"
     assert run.data.tags["mocoray.checkpoint"] == res.checkpoint
-    assert _history(client, res.mlflow_run_id, "loss") == [1, 2]
-    assert _history(client, res.mlflow_run_id, "knn_top1") == [0, 1, 2]  # step 0 = random init
+    assert _history(client, res.mlflow_run_id, "loss") == [1, 2, 3]
+    assert _history(client, res.mlflow_run_id, "knn_top1") == [0, 1, 2, 3]  # step 0 = random init
     for key in ["contrastive_acc", "lr", "pairs_per_s", "epoch_time_s", "knn_margin"]:
-        assert _history(client, res.mlflow_run_id, key) == [1, 2]
+        assert _history(client, res.mlflow_run_id, key) == [1, 2, 3]
 
 
-def test_existing_run_is_not_overwritten_without_resume(ray_session, tmp_path):
-    cfg = load_config(None, tiny_pretrain_overrides(tmp_path, "once", **{"optim.epochs": 1}))
-    run_pretrain(cfg)
+def test_existing_run_is_not_overwritten_without_resume(straight_run):
+    run_dir = Path(straight_run["res"].run_dir)
+    before = sorted(p.name for p in run_dir.iterdir())
     with pytest.raises(PretrainFailed, match="already exists.*--resume"):
-        run_pretrain(cfg)
+        run_pretrain(straight_run["cfg"])
+    assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
 def _final_state(res) -> dict:
@@ -81,17 +95,14 @@ def _final_state(res) -> dict:
 
 # MoCo v3's exact resume (predictor, AdamW moments, no queue) is tested mid-epoch, after a preemption, in
 # tests/test_spot.py (test_a_node_drained_for_preemption_mid_epoch_...): that covers this test's boundary case.
-def test_resumed_run_continues_exactly(ray_session, tmp_path):
-    common = {"run.num_workers": 2, "run.cpus_per_worker": 0.5, "optim.schedule": "constant",
-              "run.keep_checkpoints": 5}
-    straight = run_pretrain(load_config(None, tiny_pretrain_overrides(tmp_path, "straight", **common,
-                                                                      **{"optim.epochs": 3})))
+def test_resumed_run_continues_exactly(straight_run, tmp_path):
+    straight = straight_run["res"]
     # stop after epoch 2 ...
-    first = run_pretrain(load_config(None, tiny_pretrain_overrides(tmp_path, "stopped", **common,
+    first = run_pretrain(load_config(None, tiny_pretrain_overrides(tmp_path, "stopped", **STRAIGHT,
                                                                    **{"optim.epochs": 2})))
     assert first.metrics["epoch"] == 2
     # ... then continue the same run to epoch 3
-    resumed = run_pretrain(load_config(None, tiny_pretrain_overrides(tmp_path, "stopped", **common,
+    resumed = run_pretrain(load_config(None, tiny_pretrain_overrides(tmp_path, "stopped", **STRAIGHT,
                                                                      **{"optim.epochs": 3})), resume=True)
     assert resumed.metrics["epoch"] == 3
     a, b = _final_state(straight), _final_state(resumed)
