@@ -12,7 +12,7 @@ Examples:
     python benchmarks/detection_transfer.py --pretrain-run <run id> --tracking-uri sqlite:///mlflow.db --seeds 0,1,2
     python benchmarks/detection_transfer.py --smoke --storage /tmp/runs --tracking-uri sqlite:////tmp/mlflow.db
 
-`--smoke` (what the tests run): the digits pretraining cut to 1 epoch of 2 steps, then one seed of each
+`--smoke` (what the tests run): the digits pretraining cut to 1 epoch of 2 steps (kNN bank of 64), then one seed of each
 detector on 8 canvases for 1 pass, 1 worker each; the same code path and tables. `--address` runs the jobs
 on a running Ray instead of a local one started here.
 """
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_with_smoke(
         p, argv, pretrain_recipe=str(REPO / "experiments" / "digits_moco_v2.yaml"), seeds="0",
         pretrain_overrides=["data.max_images=64", "optim.batch_size=32", "optim.epochs=1", "moco.queue_size=32",
-                            "run.num_workers=1"],
+                            "knn.max_bank=64", "run.num_workers=1"],
         overrides=["data.train_canvases=8", "data.val_canvases=4", "optim.batch_size=4", "optim.epochs=1",
                    "optim.warmup=1", "optim.milestones=[2]", "run.num_workers=1"])
     if not (args.pretrain_run or args.pretrain_recipe):

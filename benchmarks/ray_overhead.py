@@ -37,8 +37,9 @@ ray epoch e / plain epoch e, then the median):
   from its spawn to the start of its first epoch (interpreter, imports, data, model, initial kNN),
   measured before Ray starts. And the tear-down from the last epoch to `run_pretrain` returning.
 
-`--smoke` (what the tests run): 2 epochs of 2 steps on 64 images, the same code path and table; with
-`--address` it joins a running Ray instead of starting one (ray.init is then only the connection).
+`--smoke` (what the tests run): 2 epochs of 2 steps on 64 images, a kNN bank of 64 (not all 4,314 training
+images), the same code path and table; with `--address` it joins a running Ray instead of starting one
+(ray.init is then only the connection).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--keep", action="store_true", help="keep the temporary run folders and timing files")
-    return parse_with_smoke(p, argv, epochs=2, max_images=64, batch=32, set=["moco.queue_size=32"])
+    return parse_with_smoke(p, argv, epochs=2, max_images=64, batch=32, set=["moco.queue_size=32", "knn.max_bank=64"])
 
 
 def make_config(args: argparse.Namespace, storage: str, name: str) -> PretrainConfig:

@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import pickle
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -22,7 +19,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conftest import EXPERIMENTS
 from mocoray.cli import main
-from mocoray.config import ConfigError, load_detect_config, load_linear_config
+from mocoray.config import ConfigError, load_detect_config
 from mocoray.core.backbones import build_backbone
 from mocoray.data import DatasetNotFoundError
 from mocoray.data.detection import collate_detection, scattered_digits_det
@@ -32,10 +29,9 @@ from mocoray.encoders import load_backbone, resolve_encoder
 from mocoray.jobs.detect.driver import DetectionFailed, run_detection
 from mocoray.jobs.detect.loop import build_model, per_class_keys
 from mocoray.jobs.faults import Faults
-from mocoray.jobs.linear.driver import run_linear_eval
 from mocoray.tracking.compare import compare_table
 from test_detection_data import write_voc
-from test_linear import _official_moco_checkpoint, _trained_resnet18
+from test_linear import _official_moco_checkpoint, _trained_resnet18, digits_pretraining
 
 DIGITS_DETECT = EXPERIMENTS / "detect_digits.yaml"
 VOC_DETECT = EXPERIMENTS / "detect_voc_r50_c4.yaml"
@@ -156,48 +152,12 @@ def test_bad_class_lists_are_refused_before_ray_starts(tmp_path, capsys):
 # ------------------------------------------------------------------------------------ the detector
 
 
-def _voc_folder(voc: Path) -> None:
-    """Four trainval images (one of them without its annotation file) with a box reaching out of the image,
-    one with only a difficult object; two test images, one of them with only a difficult object."""
-    objects = [("dog", 3, 3, 30, 25, False), ("cat", 20, 5, 60, 40, False)]
-    trainval = [(f"{i:06d}", objects, (40, 30)) for i in range(1, 5)]
-    trainval.append(("000005", [("dog", 2, 2, 20, 20, True)], (40, 30)))
-    test = [("000010", objects[:1], (40, 30)), ("000011", [("cat", 1, 1, 38, 29, True)], (40, 30))]
-    write_voc(str(voc), {"2007": {"trainval": trainval, "test": test}})
-    (voc / "VOCdevkit/VOC2007/Annotations/000004.xml").unlink()
-
-
 @pytest.fixture(scope="module")
 def digits_pretrain(ray_session, tmp_path_factory):
-    """A short MoCo v2 pretraining on scattered digits (1 worker, 1 epoch on 1,024 images, K 256), run as
-    `mocoray pretrain ... --then-detect` with the paper's VOC recipe shrunk to a VOC folder written here."""
-    tmp = tmp_path_factory.mktemp("detect_pretrain")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    _voc_folder(tmp / "voc")
-    # the encoder and batch the AP figures below were measured with (the demo recipe before issue 18)
-    pretrain = ["model.arch=small_resnet", "optim.batch_size=64", "data.flip_p=0.5",
-                "optim.epochs=1", "run.num_workers=1", "data.max_images=1024", "moco.queue_size=256",
-                "knn.max_bank=512", f"run.storage_path={tmp / 'runs'}", "run.name=digits-det-pre",
-                f"tracking.tracking_uri={uri}", "tracking.experiment=digits-detect-test"]
-    shrink = {"data.root": tmp / "voc", "data.train_sets": "[2007-trainval]", "data.loader_workers": 0,
-              "model.norm": "auto", "model.min_size": "[64]", "model.max_size": 64,
-              "model.anchor_sizes": "[16,32]", "model.roi_size": 7,
-              "model.rcnn": "{rpn_post_nms_top_n_train: 100, rpn_post_nms_top_n_test: 50, "
-                            "box_batch_size_per_image: 32}",
-              "optim.iterations": 3, "optim.batch_size": 2, "optim.warmup": 1, "optim.milestones": "[]",
-              "eval.batch_size": 2, "run.num_workers": 1, "run.use_gpu": False, "run.cpus_per_worker": 1}
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = main(["pretrain", str(EXPERIMENTS / "digits_moco_v2.yaml"), *[f"--set={o}" for o in pretrain],
-                   "--then-detect", str(VOC_DETECT), *[f"--detect-set={k}={v}" for k, v in shrink.items()]])
-    assert rc == 0, out.getvalue()
-    c = mlflow.MlflowClient(uri)
-    run = c.search_runs([c.get_experiment_by_name("digits-detect-test").experiment_id],
-                        "tags.`mocoray.job` = 'pretrain'")[0]
-    pre = SimpleNamespace(mlflow_run_id=run.info.run_id, checkpoint=run.data.tags["mocoray.checkpoint"],
-                          backbone_path=run.data.tags["mocoray.backbone"])
-    return {"result": pre, "uri": uri, "tmp": tmp, "out": out.getvalue(),
-            "detection_link": run.data.tags.get("mocoray.detection_run_id")}
+    """The session's short MoCo v2 pretraining on scattered digits (1 worker, 2 epochs on 2,048 images, K 512),
+    shared with test_linear.py's linear evaluations: run as `mocoray pretrain ... --then-linear-eval ...
+    --then-detect` with the paper's VOC recipe shrunk to a VOC folder written there (test_linear.digits_pretraining)."""
+    return digits_pretraining(tmp_path_factory)
 
 
 def _detector_view(detector: nn.Module, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -287,7 +247,7 @@ def test_digits_detection_from_pretraining_beats_untrained_is_linked_both_ways_a
     assert rc == 0 and f"pretraining run {pre.mlflow_run_id}" in out
 
     c = mlflow.MlflowClient(uri)
-    experiment = c.get_experiment_by_name("digits-detect-test").experiment_id  # the pretraining run's
+    experiment = c.get_experiment_by_name(digits_pretrain["experiment"]).experiment_id  # the pretraining run's
     run = c.search_runs([experiment], "attributes.run_name = 'det-digits'")[0]
     tags, metrics = run.data.tags, run.data.metrics
     assert run.info.status == "FINISHED" and tags["mocoray.status"] == "completed"
@@ -308,20 +268,20 @@ def test_digits_detection_from_pretraining_beats_untrained_is_linked_both_ways_a
     ap50 = c.get_metric_history(run.info.run_id, "AP50")
     assert [m.step for m in ap50] == [0, 1, 2]  # before training, then after each pass
     untrained, final = ap50[0].value, ap50[-1].value
-    # observed: untrained 0.000, after 80 iterations 0.41 (100 iterations with 50 of warmup: 0.52)
+    # observed with the session's encoder (2 epochs on 2,048 images): untrained 0.002, after 80 iterations 0.44
+    # (1 epoch on 1,024 images: 0.41; 100 iterations with 50 of warmup: 0.52; 40 on 160 canvases: 0.06, too few)
     assert untrained < 0.05 and final > untrained + 0.1, (untrained, final)
     assert metrics["AP50"] == final and 0 < metrics["AP"] <= metrics["AP50"] and "AP75" in metrics
     assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2]
 
-    # a linear evaluation of the same run: compare shows both downstream results in its row
-    quick = {"optim.epochs": 1, "data.max_images": 256}
-    linear = load_linear_config(EXPERIMENTS / "linear_digits.yaml", _sets(tmp, "lin-for-compare", uri, **quick),
-                                {"encoder.pretrain_run": pre.mlflow_run_id})
-    top1 = run_linear_eval(linear).metrics["linear_top1"]
+    # the linear evaluation of the same run (chained after it, or a newer one of test_linear.py's if that ran
+    # first: the newest, which its link names): compare shows both downstream results in its row
+    linear = c.get_run(pretrain_run.data.tags["mocoray.linear_run_id"])
+    assert linear.info.status == "FINISHED" and linear.data.tags["mocoray.pretrain_run_id"] == pre.mlflow_run_id
     row = next(r for r in compare_table(uri).rows if r["run_id"] == pre.mlflow_run_id)
-    assert row["linear_top1"] == pytest.approx(top1)
+    assert row["linear_top1"] == pytest.approx(linear.data.metrics["linear_top1_final"])
     assert (row["AP"], row["AP50"], row["AP75"]) == (metrics["AP"], metrics["AP50"], metrics["AP75"])
-    assert main(["compare", "--tracking-uri", uri, "--experiment", "digits-detect-test"]) == 0
+    assert main(["compare", "--tracking-uri", uri, "--experiment", digits_pretrain["experiment"]]) == 0
     header = capsys.readouterr().out.splitlines()[0].split()
     assert header[-5:] == ["linear_top1", "linear_top5", "AP", "AP50", "AP75"]
 
@@ -334,27 +294,28 @@ def _final_state(res) -> dict:
 
 def test_resumed_and_restarted_detection_end_with_the_weights_of_an_uninterrupted_run(ray_session, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # 24 canvases at batch 4: 6 iterations a pass. The stopped run ends mid-pass (iteration 9), after warmup
-    # and before the lr step at 10, so the continuation needs the data order, RNG and momentum restored.
-    schedule = {**TINY, "optim.iterations": 15, "optim.warmup": 4, "optim.milestones": "[10]",
-                "eval.every": 2, "run.keep_checkpoints": 5, "run.max_failures": 1}
+    # 12 canvases at batch 4: 3 iterations a pass, 8 in all (the third pass cut at 2). The stopped run ends
+    # mid-pass (iteration 4), after warmup and before the lr step at 5, so the continuation needs the data order,
+    # RNG and momentum restored.
+    schedule = {**TINY, "data.train_canvases": 12, "optim.iterations": 8, "optim.warmup": 2,
+                "optim.milestones": "[5]", "eval.every": 2, "run.keep_checkpoints": 5, "run.max_failures": 1}
 
     def cfg(name: str, **extra):
         return load_detect_config(DIGITS_DETECT, _sets(tmp_path, name, uri, **schedule, **extra), RANDOM_SMALL)
 
     straight = run_detection(cfg("straight"))
     first = run_detection(load_detect_config(DIGITS_DETECT, _sets(tmp_path, "stopped", uri, **{
-        **schedule, "optim.iterations": 9}), RANDOM_SMALL))
-    assert first.metrics["global_step"] == 9 and Path(first.checkpoint).name == "step_0000009"
+        **schedule, "optim.iterations": 4}), RANDOM_SMALL))
+    assert first.metrics["global_step"] == 4 and Path(first.checkpoint).name == "step_0000004"
     with pytest.raises(DetectionFailed, match="already exists.*--resume"):
         run_detection(cfg("stopped"))
-    # the continuation also loses its worker in the third pass: Ray restarts it from the checkpoint at 12
+    # the continuation also loses its worker in the third pass: Ray restarts it from the checkpoint at 6
     marker = tmp_path / "crashed.txt"
     resumed = run_detection(cfg("stopped"), resume=True, faults=Faults(crash_at_epoch=2, crash_marker=str(marker)))
     assert marker.exists(), "the injected failure did not happen"
 
     a, b = _final_state(straight), _final_state(resumed)
-    assert a["train_state"]["global_step"] == b["train_state"]["global_step"] == 15
+    assert a["train_state"]["global_step"] == b["train_state"]["global_step"] == 8
     assert a["train_state"]["epoch"] == b["train_state"]["epoch"] == 3
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
@@ -366,8 +327,8 @@ def test_resumed_and_restarted_detection_end_with_the_weights_of_an_uninterrupte
     assert resumed.mlflow_run_id == first.mlflow_run_id  # one MLflow run, continued
     client = mlflow.MlflowClient(uri)
     history = client.get_metric_history(resumed.mlflow_run_id, "global_step")
-    assert sorted((m.step, m.value) for m in history) == [(1, 6), (2, 9), (2, 12), (3, 15)]
-    # evaluated every second pass and at the end: at the stop (9), after pass 2 (12) and at the end (15)
+    assert sorted((m.step, m.value) for m in history) == [(1, 3), (2, 4), (2, 6), (3, 8)]
+    # evaluated every second pass and at the end: at the stop (4), after pass 2 (6) and at the end (8)
     assert sorted(m.step for m in client.get_metric_history(resumed.mlflow_run_id, "AP50")) == [2, 2, 3]
 
 
@@ -430,8 +391,8 @@ def test_pretrain_then_detect_on_a_voc_folder_with_the_paper_recipe_shrunk(digit
     pre, uri, tmp = digits_pretrain["result"], digits_pretrain["uri"], digits_pretrain["tmp"]
     assert "VOC07 AP50" in digits_pretrain["out"] and "(c4, norm bn)" in digits_pretrain["out"]
     c = mlflow.MlflowClient(uri)
-    run = c.search_runs([c.get_experiment_by_name("digits-detect-test").experiment_id],
-                        "attributes.run_name = 'digits-det-pre-detect'")[0]
+    run = c.search_runs([c.get_experiment_by_name(digits_pretrain["experiment"]).experiment_id],
+                        f"attributes.run_name = '{digits_pretrain['name']}-detect'")[0]
     assert run.info.status == "FINISHED" and run.data.tags["mocoray.job"] == "detection"
     assert run.data.tags["mocoray.pretrain_run_id"] == pre.mlflow_run_id
     assert digits_pretrain["detection_link"] == run.info.run_id  # the pretraining run's link, then
@@ -444,7 +405,7 @@ def test_pretrain_then_detect_on_a_voc_folder_with_the_paper_recipe_shrunk(digit
     assert m["annotations.train.boxes_clipped"] == 3  # each cat reaches out of its 40 x 30 image
     assert m["annotations.val.images"] == 2 and m["annotations.val.boxes"] == 2  # difficult kept (metric)
     assert run.data.params["model.layout"] == "c4" and run.data.params["model.norm_effective"] == "bn"
-    assert (tmp / "runs" / "digits-det-pre-detect").is_dir()  # next to its pretraining run
+    assert (tmp / "runs" / f"{digits_pretrain['name']}-detect").is_dir()  # next to its pretraining run
     # no data.classes, no labels.txt: VOC's 20 classes; AP50 per class for those with an object to find
     assert "[mocoray] 20 classes from VOC's 20 classes" in digits_pretrain["out"]
     assert run.data.params["data.classes_from"].startswith("VOC's 20 classes")

@@ -105,25 +105,6 @@ def test_a_signal_leaves_the_fit_thread_running_until_ray_is_stopped_and_then_wa
     assert release.is_set() and not fit_thread.is_alive()
 
 
-def test_sigint_stops_the_job_marks_the_run_killed_and_says_how_to_resume(ray_session, tmp_path):
-    log = tmp_path / "driver.log"
-    run_dir = tmp_path / "runs" / "ctrl-c"
-    proc = _start_cli(tmp_path, ray_session, "ctrl-c", log, **{"optim.epochs": 100, "run.keep_checkpoints": 100})
-    _wait_for(lambda: (run_dir / "epoch_0001" / "meta.json").exists(), 300, "the first checkpoint", proc, log)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    rc, out = _finish(proc, log)
-    assert rc == 130, out[-3000:]
-    assert "interrupted (SIGINT)" in out and "--resume" in out
-    checkpoints = sorted(p.name for p in run_dir.glob("epoch_*"))
-    (run,) = _runs(tmp_path)
-    assert run.info.status == "KILLED" and run.data.tags["mocoray.status"] == "interrupted"
-    newest = run.data.tags["mocoray.checkpoint"]
-    assert Path(newest).name in checkpoints and newest in out
-    time.sleep(5)  # the Ray job is stopped: no worker writes another checkpoint
-    assert sorted(p.name for p in run_dir.glob("epoch_*")) == checkpoints
-
-
 def test_sigterm_before_the_first_checkpoint_leaves_no_run_behind(ray_session, tmp_path):
     log = tmp_path / "driver.log"
     proc = _start_cli(tmp_path, ray_session, "early-term", log, **{"optim.epochs": 100})
@@ -139,36 +120,56 @@ def test_sigterm_before_the_first_checkpoint_leaves_no_run_behind(ray_session, t
 
 _INTERRUPTED_DRIVER = """
 import sys
-from mocoray.config import load_config
+from mocoray.cli import main
 from mocoray.jobs.faults import Faults
-from mocoray.jobs.pretrain.driver import PretrainFailed, run_pretrain
-cfg = load_config(None, sys.argv[2:])
-try:
-    run_pretrain(cfg, address=sys.argv[1], faults=Faults(interrupt_driver_after_epoch=2))
-except PretrainFailed as err:
-    print(err)
-    sys.exit(getattr(err, "exit_code", 1))
+from mocoray.jobs.pretrain import driver
+run_pretrain = driver.run_pretrain  # `mocoray pretrain` as a user runs it, with the interrupt injected
+driver.run_pretrain = lambda cfg, **kw: run_pretrain(cfg, faults=Faults(interrupt_driver_after_epoch=2), **kw)
+sys.exit(main(sys.argv[1:]))
 """
 
 
 @pytest.fixture(scope="module")
 def interrupted_then_resumed(ray_session, tmp_path_factory):
-    """3 epochs, SIGINT to the driver right after epoch 2's checkpoint is reported, then `--resume` with
-    optim.epochs=4. The controller's poll interval is raised to 10 s, so the interrupt lands (as it can
-    in real runs) while epoch_0002 is on disk but not yet registered with Ray's controller."""
+    """`mocoray pretrain` for 3 epochs (its own driver process), SIGINT to that driver right after epoch 2's
+    checkpoint is reported, then `--resume` with optim.epochs=4. The controller's poll interval is raised to
+    10 s, so the interrupt lands (as it can in real runs) while epoch_0002 is on disk but not yet registered
+    with Ray's controller. What the interrupted run left (its MLflow run, its checkpoints, and those 5 s
+    later) is recorded before the resume reopens the run."""
     tmp = tmp_path_factory.mktemp("interrupted")
     log = tmp / "driver.log"
+    run_dir = tmp / "runs" / "resumable"
     overrides = tiny_pretrain_overrides(tmp, "resumable", **{"optim.epochs": 3, "optim.schedule": "constant",
                                                              "run.keep_checkpoints": 5})
+    recipe = tmp / "schema_defaults.yaml"  # no fields: the schema's defaults, what the resume's load_config(None) has
+    recipe.write_text("{}\n")
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "10"}
-    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_DRIVER, _gcs_address(ray_session), *overrides],
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_DRIVER, "pretrain", str(recipe), "--address",
+                             _gcs_address(ray_session), *[f"--set={o}" for o in overrides]],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=env)
     rc, out = _finish(proc, log, timeout=180)
     assert "interrupted (SIGINT)" in out, out[-3000:]  # the injected interrupt happened
+    checkpoints = sorted(p.name for p in run_dir.glob("epoch_*"))
+    (interrupted_run,) = _runs(tmp)
+    time.sleep(5)  # the Ray job is stopped: no worker writes epoch 3's checkpoint (or any other)
+    checkpoints_later = sorted(p.name for p in run_dir.glob("epoch_*"))
     resumed = run_pretrain(load_config(None, tiny_pretrain_overrides(
         tmp, "resumable", **{"optim.epochs": 4, "optim.schedule": "constant", "run.keep_checkpoints": 5})),
         resume=True)
-    return {"tmp": tmp, "rc": rc, "out": out, "resumed": resumed, "overrides": overrides}
+    return {"tmp": tmp, "rc": rc, "out": out, "resumed": resumed, "overrides": overrides,
+            "interrupted_run": interrupted_run, "checkpoints": checkpoints, "checkpoints_later": checkpoints_later}
+
+
+def test_sigint_stops_the_job_marks_the_run_killed_and_says_how_to_resume(interrupted_then_resumed):
+    rc, out = interrupted_then_resumed["rc"], interrupted_then_resumed["out"]
+    assert rc == 130, out[-3000:]
+    assert "interrupted (SIGINT)" in out and "--resume" in out
+    checkpoints = interrupted_then_resumed["checkpoints"]
+    run = interrupted_then_resumed["interrupted_run"]
+    assert run.info.status == "KILLED" and run.data.tags["mocoray.status"] == "interrupted"
+    newest = run.data.tags["mocoray.checkpoint"]
+    assert Path(newest).name in checkpoints and newest in out
+    assert interrupted_then_resumed["checkpoints_later"] == checkpoints
 
 
 def test_resume_after_an_interrupt_starts_from_the_newest_checkpoint_and_logs_no_epoch_twice(

@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import EXPERIMENTS, recorded_batches
 from mocoray.cli import main
-from mocoray.config import ConfigError, load_config, load_linear_config
+from mocoray.config import ConfigError, load_linear_config
 from mocoray.core.backbones import build_backbone
 from mocoray.encoders import EncoderSource, resolve_encoder
 from mocoray.jobs.faults import Faults
@@ -23,7 +23,6 @@ from mocoray.jobs.linear.features import (
     backbone_snapshot,
     build_frozen_backbone,
 )
-from mocoray.jobs.pretrain.driver import run_pretrain
 
 DIGITS_LINEAR = EXPERIMENTS / "linear_digits.yaml"
 
@@ -238,19 +237,79 @@ def test_bare_file_needs_an_arch_and_checkpoints_that_know_their_own_need_none(t
 # ------------------------------------------------------------------------------------ Ray Train runs
 
 
+DETECT_VOC = EXPERIMENTS / "detect_voc_r50_c4.yaml"
+_PRETRAINING: dict = {}  # the session's one digits pretraining (digits_pretraining)
+
+
+def _voc_folder(voc) -> None:
+    """Four trainval images (one of them without its annotation file) with a box reaching out of the image,
+    one with only a difficult object; two test images, one of them with only a difficult object."""
+    from test_detection_data import write_voc
+
+    objects = [("dog", 3, 3, 30, 25, False), ("cat", 20, 5, 60, 40, False)]
+    trainval = [(f"{i:06d}", objects, (40, 30)) for i in range(1, 5)]
+    trainval.append(("000005", [("dog", 2, 2, 20, 20, True)], (40, 30)))
+    test = [("000010", objects[:1], (40, 30)), ("000011", [("cat", 1, 1, 38, 29, True)], (40, 30))]
+    write_voc(str(voc), {"2007": {"trainval": trainval, "test": test}})
+    (voc / "VOCdevkit/VOC2007/Annotations/000004.xml").unlink()
+
+
+# the linear evaluation chained after the digits pretraining: the protocol its margin over random init was
+# measured with (test_linear_eval_of_pretrained_encoder_beats_random_init_and_is_linked_to_its_run)
+PRETRAINED_PROTOCOL = {"optim.epochs": 10, "optim.milestones": "[6,8]", "data.max_images": 2048}
+
+
+def digits_pretraining(tmp_path_factory) -> dict:
+    """A short MoCo v2 pretraining on scattered digits (1 worker, 2 epochs on 2,048 images, K 512), run as
+    `mocoray pretrain ... --then-linear-eval linear_digits.yaml --then-detect detect_voc_r50_c4.yaml`: the linear
+    protocol of PRETRAINED_PROTOCOL, then the paper's VOC recipe shrunk to a VOC folder written here.
+
+    Made once per test session: this module's linear evaluations and test_detect.py's detection runs (its
+    `digits_pretrain` fixture calls this too) all start from it, instead of one pretraining per module.
+    `pretrain_run` is the pretraining run as the chain left it (its links and transfer.* metrics), before any
+    test adds downstream runs."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    if _PRETRAINING:
+        return _PRETRAINING
+    tmp = tmp_path_factory.mktemp("digits_pretrain")
+    uri, experiment, name = f"sqlite:///{tmp / 'mlflow.db'}", "digits-transfer-test", "digits-short"
+    _voc_folder(tmp / "voc")
+    # the encoder and batch the margins of both modules were measured with (the demo recipe before issue 18)
+    pretrain = ["model.arch=small_resnet", "optim.batch_size=64", "data.flip_p=0.5",
+                "optim.epochs=2", "run.num_workers=1", "data.max_images=2048", "moco.queue_size=512",
+                "knn.every=100", "knn.max_bank=1024", f"run.storage_path={tmp / 'runs'}", f"run.name={name}",
+                f"tracking.tracking_uri={uri}", f"tracking.experiment={experiment}"]
+    shrink = {"data.root": tmp / "voc", "data.train_sets": "[2007-trainval]", "data.loader_workers": 0,
+              "model.norm": "auto", "model.min_size": "[64]", "model.max_size": 64,
+              "model.anchor_sizes": "[16,32]", "model.roi_size": 7,
+              "model.rcnn": "{rpn_post_nms_top_n_train: 100, rpn_post_nms_top_n_test: 50, "
+                            "box_batch_size_per_image: 32}",
+              "optim.iterations": 3, "optim.batch_size": 2, "optim.warmup": 1, "optim.milestones": "[]",
+              "eval.batch_size": 2, "run.num_workers": 1, "run.use_gpu": False, "run.cpus_per_worker": 1}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["pretrain", str(EXPERIMENTS / "digits_moco_v2.yaml"), *[f"--set={o}" for o in pretrain],
+                   "--then-linear-eval", str(DIGITS_LINEAR),
+                   *[f"--linear-set={k}={v}" for k, v in PRETRAINED_PROTOCOL.items()],
+                   "--then-detect", str(DETECT_VOC), *[f"--detect-set={k}={v}" for k, v in shrink.items()]])
+    assert rc == 0, out.getvalue()
+    c = mlflow.MlflowClient(uri)
+    run = c.search_runs([c.get_experiment_by_name(experiment).experiment_id], "tags.`mocoray.job` = 'pretrain'")[0]
+    pre = SimpleNamespace(mlflow_run_id=run.info.run_id, checkpoint=run.data.tags["mocoray.checkpoint"],
+                          backbone_path=run.data.tags["mocoray.backbone"])
+    _PRETRAINING.update({"result": pre, "uri": uri, "tmp": tmp, "experiment": experiment, "name": name,
+                         "out": out.getvalue(), "pretrain_run": run,
+                         "detection_link": run.data.tags.get("mocoray.detection_run_id")})
+    return _PRETRAINING
+
+
 @pytest.fixture(scope="module")
 def digits_pretrain(ray_session, tmp_path_factory):
-    """A short MoCo v2 pretraining on scattered digits (1 worker, 2 epochs on 2,048 images, K 512)."""
-    tmp = tmp_path_factory.mktemp("digits_pretrain")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cfg = load_config(EXPERIMENTS / "digits_moco_v2.yaml", [
-        # the encoder and batch the margins below were measured with (the demo recipe before issue 18)
-        "model.arch=small_resnet", "optim.batch_size=64", "data.flip_p=0.5",
-        "optim.epochs=2", "run.num_workers=1", "data.max_images=2048", "moco.queue_size=512",
-        "knn.every=100", "knn.max_bank=1024", f"run.storage_path={tmp / 'runs'}", "run.name=digits-short",
-        f"tracking.tracking_uri={uri}", "tracking.experiment=digits-linear-test",
-    ])
-    return {"result": run_pretrain(cfg), "uri": uri, "tmp": tmp}
+    """The session's digits pretraining (digits_pretraining)."""
+    return digits_pretraining(tmp_path_factory)
 
 
 def _linear_overrides(tmp, name: str, uri: str, **extra) -> list[str]:
@@ -258,23 +317,23 @@ def _linear_overrides(tmp, name: str, uri: str, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in items.items()]
 
 
-def test_linear_eval_of_pretrained_encoder_beats_random_init_and_is_linked_to_its_run(digits_pretrain, capsys):
+def test_linear_eval_of_pretrained_encoder_beats_random_init_and_is_linked_to_its_run(digits_pretrain):
+    """The pretrained side is the linear evaluation chained after the session's pretraining (`mocoray pretrain
+    --then-linear-eval`, PRETRAINED_PROTOCOL); the random-init one runs here with the same protocol."""
     pre, uri, tmp = digits_pretrain["result"], digits_pretrain["uri"], digits_pretrain["tmp"]
-    protocol = {"optim.epochs": 10, "optim.milestones": "[6,8]", "data.max_images": 2048}
-    rc = main(["linear-eval", str(DIGITS_LINEAR), "--pretrain-run", pre.mlflow_run_id,
-               *[f"--set={o}" for o in _linear_overrides(tmp, "lin-pretrained", uri, **protocol)]])
-    assert rc == 0, capsys.readouterr().err
-    assert "backbone unchanged" in capsys.readouterr().out
+    protocol = PRETRAINED_PROTOCOL
+    assert "backbone unchanged" in digits_pretrain["out"]  # the chained linear-eval's result line
 
     c = mlflow.MlflowClient(uri)
-    linear_run = c.search_runs([c.get_experiment_by_name("digits-linear-test").experiment_id],
-                               "tags.`mocoray.job` = 'linear'")[0]  # same experiment as its pretraining run
+    experiment = c.get_experiment_by_name(digits_pretrain["experiment"]).experiment_id  # its pretraining run's
+    linear_run = c.search_runs([experiment], "tags.`mocoray.job` = 'linear' and "
+                                             f"attributes.run_name = '{digits_pretrain['name']}-linear'")[0]
     tags, metrics = linear_run.data.tags, linear_run.data.metrics
     assert tags["mocoray.pretrain_run_id"] == pre.mlflow_run_id
     assert tags["mocoray.checkpoint"] == pre.checkpoint
     assert linear_run.data.params["encoder.arch"] == "small_resnet"
     assert linear_run.info.status == "FINISHED"
-    pretrain_run = c.get_run(pre.mlflow_run_id)
+    pretrain_run = digits_pretrain["pretrain_run"]  # as the chain left it
     assert pretrain_run.data.tags["mocoray.linear_run_id"] == linear_run.info.run_id
     # for the MLflow UI: the Source, the result on the pretraining run (transfer.*), descriptions that link
     assert tags["mlflow.source.name"] == f"mocoray linear-eval {DIGITS_LINEAR.name}"
@@ -295,7 +354,8 @@ def test_linear_eval_of_pretrained_encoder_beats_random_init_and_is_linked_to_it
     pretrained_top1, random_top1 = metrics["linear_top1_final"], random.metrics["linear_top1"]
     # A fair baseline: the random-init encoder's BN statistics are recomputed on training images first. At
     # their init values (0 and 1) its features were degenerate: random init scored 0.13-0.15, near chance
-    # (0.1), and the margin looked like ~0.4. Measured with the fair baseline: 0.5487 vs 0.4383 (+0.11).
+    # (0.1), and the margin looked like ~0.4. Measured with the fair baseline: 0.5487 vs 0.4383 (+0.11); again with
+    # the pretrained side chained after the session's pretraining (same recipe and protocol): 0.5952 vs 0.4373 (+0.16).
     assert random_top1 > 0.3, random.metrics
     assert pretrained_top1 > random_top1 + 0.05, (pretrained_top1, random_top1)
 
@@ -303,7 +363,7 @@ def test_linear_eval_of_pretrained_encoder_beats_random_init_and_is_linked_to_it
 def test_feature_norm_batchnorm_makes_the_paper_lr_work_on_unnormalised_features(digits_pretrain):
     """lr 30 (the paper's, for ResNet-50 features) on small_resnet features of norm ~10: the plain fc layer
     is thrown around by it, the affine-free BatchNorm in front of it (linear.feature_norm) is not. Measured:
-    top-1 0.2201 without, 0.5088 with."""
+    top-1 0.2201 without, 0.5088 with; again on the session's shared pretraining: 0.2098 without, 0.5701 with."""
     pre, uri, tmp = digits_pretrain["result"], digits_pretrain["uri"], digits_pretrain["tmp"]
     protocol = {"optim.epochs": 4, "optim.milestones": "[3]", "optim.lr": 30.0, "data.max_images": 1024,
                 "linear.eval_every": 4}
@@ -321,18 +381,19 @@ def test_feature_norm_batchnorm_makes_the_paper_lr_work_on_unnormalised_features
     assert top1["batchnorm"] > top1["none"] + 0.1, top1
 
 
-def test_cached_features_match_the_center_crop_protocol(digits_pretrain):
+def test_cached_features_match_the_center_crop_protocol_and_a_resumed_run_continues_exactly(digits_pretrain):
+    """Center vs cached, 2 workers each: the fc layer under DDP, features all-gathered, validation sharded and its
+    counts summed. The cached run is also the uninterrupted reference of a cached run stopped after epoch 2 and
+    resumed: the lr drops after epoch 2, so the resumed epoch 3 only matches with the optimizer state restored."""
     pre, uri, tmp = digits_pretrain["result"], digits_pretrain["uri"], digits_pretrain["tmp"]
-    # two workers: the fc layer under DDP, features all-gathered, validation sharded and its counts summed
-    protocol = {"optim.epochs": 3, "optim.milestones": "[2]", "optim.lr": 0.03, "data.max_images": 768,
-                "linear.eval_every": 3, "run.num_workers": 2}
-    results = {}
-    for mode in ("center", "cached"):
-        cfg = load_linear_config(DIGITS_LINEAR, _linear_overrides(tmp, f"lin-{mode}", uri, **protocol,
-                                                                  **{"linear.mode": mode}),
-                                 {"encoder.checkpoint": pre.checkpoint})
-        results[mode] = run_linear_eval(cfg)
-    center, cached = results["center"], results["cached"]
+    protocol = {"optim.milestones": "[2]", "optim.lr": 0.03, "data.max_images": 768, "linear.eval_every": 1,
+                "run.checkpoint_every": 1, "run.num_workers": 2}
+
+    def cfg(name: str, mode: str, epochs: int = 3):
+        return load_linear_config(DIGITS_LINEAR, _linear_overrides(tmp, name, uri, **protocol, **{
+            "linear.mode": mode, "optim.epochs": epochs}), {"encoder.checkpoint": pre.checkpoint})
+
+    center, cached = run_linear_eval(cfg("lin-center", "center")), run_linear_eval(cfg("lin-cached", "cached"))
     # Same views, batches and fc init: only floating-point summation order differs. Observed: identical top-1.
     assert abs(center.metrics["linear_top1"] - cached.metrics["linear_top1"]) <= 0.01
     assert abs(center.metrics["linear_top5"] - cached.metrics["linear_top5"]) <= 0.01
@@ -342,30 +403,18 @@ def test_cached_features_match_the_center_crop_protocol(digits_pretrain):
     # it learned something (10 classes; observed ~0.26), so the agreement means something
     assert center.metrics["linear_top1"] > 0.18
 
-
-def test_resumed_linear_eval_continues_exactly_in_the_same_mlflow_run(digits_pretrain):
-    pre, uri, tmp = digits_pretrain["result"], digits_pretrain["uri"], digits_pretrain["tmp"]
-    # the lr drops after epoch 2, so the resumed epoch 3 only matches with the optimizer state restored
-    protocol = {"optim.milestones": "[2]", "optim.lr": 0.03, "data.max_images": 512, "linear.mode": "cached",
-                "linear.eval_every": 1, "run.checkpoint_every": 1, "run.num_workers": 1}
-
-    def cfg(name: str, epochs: int):
-        return load_linear_config(DIGITS_LINEAR, _linear_overrides(tmp, name, uri, **protocol, **{"optim.epochs": epochs}),
-                                  {"encoder.checkpoint": pre.checkpoint})
-
-    straight = run_linear_eval(cfg("lin-straight", 3))
-    first = run_linear_eval(cfg("lin-stopped", 2))
+    first = run_linear_eval(cfg("lin-stopped", "cached", epochs=2))
     with pytest.raises(LinearEvalFailed, match="already exists.*--resume"):
-        run_linear_eval(cfg("lin-stopped", 3))
-    resumed = run_linear_eval(cfg("lin-stopped", 3), resume=True)
+        run_linear_eval(cfg("lin-stopped", "cached"))
+    resumed = run_linear_eval(cfg("lin-stopped", "cached"), resume=True)
 
     assert resumed.metrics["epoch"] == 3
-    a = torch.load(f"{straight.checkpoint}/model.pt", weights_only=True)
+    a = torch.load(f"{cached.checkpoint}/model.pt", weights_only=True)
     b = torch.load(f"{resumed.checkpoint}/model.pt", weights_only=True)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
-    assert resumed.metrics["linear_top1"] == pytest.approx(straight.metrics["linear_top1"], abs=1e-6)
+    assert resumed.metrics["linear_top1"] == pytest.approx(cached.metrics["linear_top1"], abs=1e-6)
     assert resumed.mlflow_run_id == first.mlflow_run_id
     history = mlflow.MlflowClient(uri).get_metric_history(resumed.mlflow_run_id, "linear_top1")
     assert [m.step for m in history] == [1, 2, 3]  # epochs 1-2 from the first attempt, 3 from the resume
@@ -414,7 +463,7 @@ def test_unfrozen_backbone_fails_the_run_loudly(digits_pretrain):
     with pytest.raises(LinearEvalFailed, match="backbone_changed.*frozen backbone changed"):
         run_linear_eval(cfg, faults=Faults(unfreeze_backbone=True))
     c = mlflow.MlflowClient(uri)
-    failed = c.search_runs([c.get_experiment_by_name("digits-linear-test").experiment_id],
+    failed = c.search_runs([c.get_experiment_by_name(digits_pretrain["experiment"]).experiment_id],
                            "tags.`mocoray.run_dir` LIKE '%lin-unfrozen'")[0]
     assert failed.info.status == "FAILED" and failed.data.tags["mocoray.status"] == "backbone_changed"
     assert "linear_top1_final" not in failed.data.metrics
@@ -447,7 +496,9 @@ def test_ray_ingest_feeds_the_augmented_protocol_each_ranks_sampler_batches(digi
     protocol = {"linear.mode": "augmented", "data.loader": "ray", "data.max_images": 352, "optim.batch_size": 64,
                 "optim.epochs": 2, "optim.milestones": "[2]", "optim.lr": 0.1, "linear.feature_norm": "batchnorm",
                 "linear.crop_min_scale": 0.3, "linear.eval_every": 2, "run.num_workers": 2,
-                "run.cpus_per_worker": 0.5, "data.ingest.num_cpus": 0.5, "data.ingest.batch_rows": 16}
+                "run.cpus_per_worker": 0.5, "data.ingest.num_cpus": 1, "data.ingest.batch_rows": 16}
+    # 1 CPU per ingest task: 3 tasks at a time beside the 2 workers on the session's 4 logical CPUs. At 0.5, 6 ran
+    # at a time, each a process importing torch on the 2-core machine: measured 1.6-2x slower, same views and top-1.
     cfg = load_linear_config(DIGITS_LINEAR, _linear_overrides(tmp_path, "lin-ray", uri, **protocol),
                              {"encoder.checkpoint": pre.checkpoint})
     res = run_linear_eval(cfg, faults=Faults(batches_dir=str(tmp_path)))  # every step's sample ids per rank

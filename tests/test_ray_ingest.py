@@ -22,6 +22,7 @@ from mocoray.data.ray_ingest import ingest_dataset, make_two_views, start_clock
 from mocoray.data.sampler import GlobalBatchSampler
 
 TRAIN_IMAGES, CORRUPT, VAL_IMAGES = 2045, 3, 256  # 2048 files: 16 global batches of 128 (enough to learn)
+STEPS = (TRAIN_IMAGES + CORRUPT) // 128  # per epoch
 EPOCHS = 3  # then resumed for one more
 
 
@@ -62,18 +63,19 @@ def ingest_cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ingest_run(ingest_cluster, digit_folder, tmp_path_factory):
     """The README demo's recipe on the digit folder with `data.loader: ray`, ingest pinned to the ingest node,
-    kNN and logistic regression after every epoch:
-    EPOCHS epochs with a checkpoint after every step, in which a worker dies in the second epoch after its first
-    step (the group restarts from that mid-epoch checkpoint); then resumed at the last epoch boundary for one
-    more epoch. Every step's sample ids are recorded."""
+    kNN and logistic regression after the last epoch of each run (epochs EPOCHS and EPOCHS + 1: nothing reads the
+    others', and the monitor draws nothing from the training RNG, so it changes no step):
+    EPOCHS epochs with a mid-epoch checkpoint every STEPS + 1 steps, the first after the first step of the second
+    epoch, where a worker dies (the group restarts from that mid-epoch checkpoint); then resumed at the last epoch
+    boundary for one more epoch. Every step's sample ids are recorded."""
     cluster, ingest = ingest_cluster
     tmp = tmp_path_factory.mktemp("ingest-run")
     overrides = [f"{k}={v}" for k, v in {
         "data.name": "imagefolder", "data.root": digit_folder, "data.loader": "ray",
         "data.ingest.num_cpus": 1, "data.ingest.resources": "{ingest: 1}", "run.num_workers": 2,
         "run.cpus_per_worker": 2, "run.name": "ray-ingest", "run.storage_path": tmp / "runs",
-        "tracking.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "optim.epochs": EPOCHS, "knn.every": 1,
-        "knn.logreg": True, "run.checkpoint_every_steps": 1, "run.max_failures": 1}.items()]
+        "tracking.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "optim.epochs": EPOCHS, "knn.every": EPOCHS + 1,
+        "knn.logreg": True, "run.checkpoint_every_steps": STEPS + 1, "run.max_failures": 1}.items()]
     recipe = str(EXPERIMENTS / "digits_moco_v2.yaml")
     crash = {"crash_at_epoch": 1, "crash_rank": 1, "crash_marker": str(tmp / "crashed")}
     first = Driver(cluster, tmp / "first.log", overrides, {"batches_dir": str(tmp / "first"), **crash}, recipe=recipe)
@@ -225,15 +227,15 @@ def test_ray_and_torch_paths_make_views_with_the_same_statistics(augment):
     assert not torch.equal(ray_q, torch.from_numpy(ray_views["view_k"]))  # two different views
 
 
-def _passes(dataset: TensorImages, plan: list[tuple[int, int]]) -> list[dict[int, list[tuple[int, np.ndarray]]]]:
+def _passes(dataset: TensorImages, plan: list[tuple[int, int]], clock) -> list[dict[int, list[tuple[int, np.ndarray]]]]:
     """Each pass of `plan` ((epoch, first step) each) through a fresh ingest pipeline split across 2 ranks as
-    Ray Train splits it (equal, in order): {rank: [(sample id, its first view)]} per pass."""
+    Ray Train splits it (equal, in order), its passes set on `clock`: {rank: [(sample id, its first view)]} per pass.
+    Its map tasks take 2 CPUs each, so that at most two ingest processes start (each imports torch)."""
     import threading
 
     from ray import get as ray_get
 
-    clock = start_clock()
-    ds = ingest_dataset(dataset, 192, moco_spec("v2", 8), "device", 5, 0.5, {}, 16, 32, clock)
+    ds = ingest_dataset(dataset, 192, moco_spec("v2", 8), "device", 5, 2, {}, 16, 32, clock)
     ds.context.execution_options.preserve_order = True
     splits = ds.streaming_split(2, equal=True)
     out = []
@@ -261,8 +263,9 @@ def test_an_epochs_order_and_views_depend_on_the_run_seed_and_the_epoch_only(ray
     started at step 2 serves the rest of it."""
     images = torch.randint(0, 256, (200, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dataset = TensorImages(images, torch.zeros(200, dtype=torch.long), 1)
-    run = _passes(dataset, [(0, 0), (1, 0), (2, 0)])
-    resumed, mid = _passes(dataset, [(2, 0), (2, 2)])
+    clock = start_clock()  # one for both pipelines: each pass sets it before it starts
+    run = _passes(dataset, [(0, 0), (1, 0), (2, 0)], clock)
+    resumed, mid = _passes(dataset, [(2, 0), (2, 2)], clock)
     for rank in (0, 1):
         sampler = GlobalBatchSampler(200, 32, rank, 2, seed=5)
         sampler.set_epoch(2)

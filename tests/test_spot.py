@@ -59,11 +59,11 @@ def cluster(tmp_path_factory, s3_env):
 
 
 def _overrides(tmp_path: Path, name: str, tiny=tiny_pretrain_overrides, **extra) -> list[str]:
-    """Two workers (one per node) of a tiny MoCo (`tiny`: v2's, or `tiny_v3_overrides`); 512 images / global
-    batch 16 = 32 steps per epoch."""
+    """Two workers (one per node) of a tiny MoCo (`tiny`: v2's, or `tiny_v3_overrides`); 256 images / global
+    batch 16 = 16 steps per epoch. kNN after the last epoch only: no test here reads it, and it changes no step."""
     return tiny(tmp_path, name, **{
-        "run.num_workers": 2, "run.cpus_per_worker": 1, "data.synthetic_images": 512, "optim.batch_size": 16,
-        "optim.epochs": 3, "run.keep_checkpoints": 20, "knn.max_bank": 256, **extra})
+        "run.num_workers": 2, "run.cpus_per_worker": 1, "data.synthetic_images": 256, "optim.batch_size": 16,
+        "optim.epochs": 3, "run.keep_checkpoints": 20, "knn.max_bank": 256, "knn.every": 1000, **extra})
 
 
 class Pauses:
@@ -118,7 +118,7 @@ def test_a_node_drained_for_preemption_mid_epoch_costs_no_epoch_and_the_run_resu
     run = Driver(cluster, tmp_path / "preempted.log",
                  _overrides(tmp_path, "preempted", tiny_v3_overrides, **{
                      "run.preemption_check_steps": 1, "run.max_failures": 0, **two_epochs}),
-                 faults=pauses.faults(step_delay_s=0.25))
+                 faults=pauses.faults(step_delay_s=0.5))  # epoch 2 outlasts the drain's deadline
     pauses.wait(1, run)
     (node, *_) = cluster.training_nodes()
     t_drain = time.time()
@@ -132,9 +132,9 @@ def test_a_node_drained_for_preemption_mid_epoch_costs_no_epoch_and_the_run_resu
     assert cluster.state(node) != "ALIVE"  # the drained node went away (Ray ends it once its work is gone)
     # it resumed from the last checkpoint written after the notice, mid-epoch, and lost less than an epoch
     (event,) = read_record(str(Path(res["run_dir"]) / RECORD_FILE))
-    assert event["notice_step"] > 32 and all("_step_" in name for name in event["checkpoints"])
+    assert event["notice_step"] > 16 and all("_step_" in name for name in event["checkpoints"])
     assert event["resumed_from"] == event["checkpoints"][-1] and "_step_" in event["resumed_from"]
-    assert 0 <= event["steps_lost"] < 32
+    assert 0 <= event["steps_lost"] < 16
     print(f"\npreemption: notice at step {event['notice_step']}, checkpoints {event['checkpoints']}, "
           f"{event['steps_lost']} steps lost, resumed {event['resumed_time'] - event['notice_time']:.1f} s after "
           f"the notice on {event['resumed_world_size']} workers; run done {t_done - t_drain:.0f} s after the drain")
@@ -147,7 +147,7 @@ def test_a_node_drained_for_preemption_mid_epoch_costs_no_epoch_and_the_run_resu
     # exact resume: the same steps, weights (predictor included), AdamW state, momentum and epoch losses as the
     # uninterrupted run
     a, b = _final(reference["checkpoint"]), _final(res["checkpoint"])
-    assert a["train"]["global_step"] == b["train"]["global_step"] == 2 * 32
+    assert a["train"]["global_step"] == b["train"]["global_step"] == 2 * 16
     assert any(k.startswith("predictor.") for k in a["model"])  # saved with the model; the key side has none
     assert not any(k.startswith(("encoder_k.predictor", "queue.")) for k in a["model"])
     assert a["model"].keys() == b["model"].keys()
@@ -182,12 +182,13 @@ def test_elastic_v3_with_ray_data_ingest_shrinks_when_a_node_dies_and_grows_when
     batches.mkdir()
     # MoCo v3 fed by Ray Data: a resize restarts the worker group, whose dataset is split again for its size.
     # One worker (0.75 CPU) per node, beside one ingest task (0.25): the head alone must hold both.
-    # batch_rows 8 is the per-rank batch on 2 workers, half of it on 1: step s is positions 16s..16s+15 of the
-    # epoch's order on either (docs/design.md, Ray Data ingest).
+    # A global batch of 32 over 128 images, 4 steps per epoch; batch_rows 16 is the per-rank batch on 2 workers,
+    # half of it on 1: step s is positions 32s..32s+31 of the epoch's order on either (docs/design.md, Ray Data
+    # ingest).
     overrides = _overrides(tmp_path, "elastic", tiny_v3_overrides, **{
         "run.num_workers": "[1, 2]", "run.resize_check_s": 2, "run.max_failures": -1, "run.cpus_per_worker": 0.75,
-        "data.loader": "ray", "data.ingest.num_cpus": 0.25, "data.ingest.batch_rows": 8,
-        "data.synthetic_images": 256, "run.checkpoint_every_steps": 8})
+        "data.loader": "ray", "data.ingest.num_cpus": 0.25, "data.ingest.batch_rows": 16,
+        "data.synthetic_images": 128, "optim.batch_size": 32, "run.checkpoint_every_steps": 2})
     run = Driver(cluster, tmp_path / "elastic.log", overrides, faults=pauses.faults(batches_dir=str(batches)))
     pauses.wait(1, run)
     for node in cluster.live_workers():  # no notice: they are just gone; the head's one CPU is left
@@ -209,18 +210,18 @@ def test_elastic_v3_with_ray_data_ingest_shrinks_when_a_node_dies_and_grows_when
     sizes = _values_in_time_order(client, run_id, "world_size")
     assert [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]] == [2, 1, 2], sizes
     assert _steps(client, run_id, "loss") == [1, 2, 3]
-    # the global batch stayed 16 whatever the world size: the same number of steps, each the epoch's next 16
+    # the global batch stayed 32 whatever the world size: the same number of steps, each the epoch's next 32
     # samples of the torch path's order, split across as many ranks as the epoch had
-    assert _final(res["checkpoint"])["train"]["global_step"] == 3 * 16
+    assert _final(res["checkpoint"])["train"]["global_step"] == 3 * 4
     seed = load_config(None, overrides).run.seed
     trained = recorded_batches(batches)
     for epoch, world in enumerate([2, 1, 2]):
-        order = epoch_permutation(256, seed, epoch).tolist()
-        for step in range(16):
+        order = epoch_permutation(128, seed, epoch).tolist()
+        for step in range(4):
             ranks = trained[(epoch, step)]
             assert sorted(ranks) == list(range(world)), (epoch, step, sorted(ranks))
-            assert [i for r in range(world) for i in ranks[r]] == order[16 * step:16 * (step + 1)], (epoch, step)
-    assert {epoch for epoch, _ in trained} == {0, 1, 2} and len(trained) == 3 * 16
+            assert [i for r in range(world) for i in ranks[r]] == order[32 * step:32 * (step + 1)], (epoch, step)
+    assert {epoch for epoch, _ in trained} == {0, 1, 2} and len(trained) == 3 * 4
 
 
 def _wait_for_world_size(tmp_path: Path, run_name: str, size: int, after: int, timeout: float = 600) -> None:
@@ -245,67 +246,65 @@ def _png(i: int) -> bytes:
     return buf.getvalue()
 
 
-def test_checkpoints_resume_and_a_parquet_dataset_on_s3_with_credentials_only_in_the_environment(
+def test_checkpoints_resume_on_s3_with_credentials_only_in_the_environment_and_metrics_outlive_a_tracking_outage(
         cluster, s3_env, tmp_path, monkeypatch):
+    """A parquet dataset and the run's storage on S3 (credentials only in the environment), tracked by an
+    `mlflow server`: one epoch, then resumed for three more, the server stopped after epoch 2 (epoch 3 is logged
+    while nobody answers) and started again after epoch 3: every metric arrives once it is back."""
     import fsspec
 
     from mocoray.data.parquet import write_parquet_shards
 
     cluster.ensure_workers(1)
-    for key, value in s3_env.items():
-        monkeypatch.setenv(key, value)
-    fs = fsspec.filesystem("s3")
-    fs.mkdir(BUCKET)
-    folder = tmp_path / "images"
-    for split, n in (("train", 32), ("val", 8)):
-        for cls in ("a", "b"):
-            (folder / split / cls).mkdir(parents=True)
-            for i in range(n):
-                (folder / split / cls / f"{i}.png").write_bytes(_png(i + 50 * (cls == "b")))
-        write_parquet_shards(str(folder), f"s3://{BUCKET}/data", images_per_shard=20, split=split)
-    overrides = _overrides(tmp_path, "on-s3", **{
-        "data.name": "parquet", "data.root": f"s3://{BUCKET}/data", "run.storage_path": f"s3://{BUCKET}/runs",
-        "optim.epochs": 1})
-    first = Driver(cluster, tmp_path / "s3-first.log", overrides).result()
-    assert first["checkpoint"] == f"s3://{BUCKET}/runs/on-s3/epoch_0001"
-    resumed = Driver(cluster, tmp_path / "s3-resumed.log", [*overrides, "optim.epochs=2"], resume=True).result()
-
-    assert resumed["status"] == "completed" and resumed["checkpoint"] == f"s3://{BUCKET}/runs/on-s3/epoch_0002"
-    assert resumed["mlflow_run_id"] == first["mlflow_run_id"]
-    train_state = torch.load(fs.open(f"{BUCKET}/runs/on-s3/epoch_0002/train_state.pt"), weights_only=True)
-    assert train_state["epoch"] == 2 and train_state["global_step"] == 2 * 4  # 64 images / 16
-    assert fs.exists(f"{BUCKET}/runs/on-s3/backbone.pt")
-    assert _steps(_client(tmp_path), resumed["mlflow_run_id"], "loss") == [1, 2]
-    # no credential in anything the runs wrote: the bucket, the MLflow store, the driver's output
-    written = [fs.cat(path) for path in fs.find(f"{BUCKET}/runs")]
-    written += [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and folder not in p.parents]
-    assert len(written) > 10
-    for secret in (ACCESS_KEY, SECRET_KEY):
-        assert not any(secret.encode() in blob for blob in written), secret
-
-
-def test_a_tracking_server_stopped_mid_run_gets_every_metric_once_it_is_back(cluster, tmp_path):
-    cluster.ensure_workers(1)
-    server = MlflowServer(tmp_path, job_execution=False).start()
+    server = MlflowServer(tmp_path, job_execution=False).start()  # started before the credentials are set
     try:
-        pauses = Pauses(tmp_path / "pauses", [1, 2])
-        run = Driver(cluster, tmp_path / "outage.log", _overrides(tmp_path, "outage", **{
-            "tracking.tracking_uri": server.uri, "data.synthetic_images": 128}), faults=pauses.faults())
-        pauses.wait(1, run)
-        server.stop()  # epoch 2 is logged while nobody answers
-        pauses.go(1)
-        pauses.wait(2, run)
-        unsent = Path(tmp_path / "runs" / "outage" / UNSENT_FILE)
-        assert unsent.exists()  # kept next to the checkpoints, so a restarted worker would find it
-        server.start()
-        pauses.go(2)
-        res = run.result()
+        for key, value in s3_env.items():
+            monkeypatch.setenv(key, value)
+        fs = fsspec.filesystem("s3")
+        fs.mkdir(BUCKET)
+        folder = tmp_path / "images"
+        for split, n in (("train", 32), ("val", 8)):
+            for cls in ("a", "b"):
+                (folder / split / cls).mkdir(parents=True)
+                for i in range(n):
+                    (folder / split / cls / f"{i}.png").write_bytes(_png(i + 50 * (cls == "b")))
+            write_parquet_shards(str(folder), f"s3://{BUCKET}/data", images_per_shard=20, split=split)
+        overrides = _overrides(tmp_path, "on-s3", **{
+            "data.name": "parquet", "data.root": f"s3://{BUCKET}/data", "run.storage_path": f"s3://{BUCKET}/runs",
+            "tracking.tracking_uri": server.uri, "optim.epochs": 1})
+        first = Driver(cluster, tmp_path / "s3-first.log", overrides).result()
+        assert first["checkpoint"] == f"s3://{BUCKET}/runs/on-s3/epoch_0001"
 
-        assert res["status"] == "completed" and res["unsent_metrics"] is None and not unsent.exists()
+        pauses = Pauses(tmp_path / "pauses", [2, 3])
+        run = Driver(cluster, tmp_path / "s3-resumed.log", [*overrides, "optim.epochs=4"], resume=True,
+                     faults=pauses.faults())
+        pauses.wait(2, run)
+        server.stop()  # epoch 3 is logged while nobody answers
+        pauses.go(2)
+        pauses.wait(3, run)
+        unsent = f"{BUCKET}/runs/on-s3/{UNSENT_FILE}"
+        assert fs.exists(unsent)  # kept next to the checkpoints, so a restarted worker would find it
+        server.start()
+        pauses.go(3)
+        resumed = run.result()
+
+        assert resumed["status"] == "completed" and resumed["checkpoint"] == f"s3://{BUCKET}/runs/on-s3/epoch_0004"
+        assert resumed["mlflow_run_id"] == first["mlflow_run_id"]
+        train_state = torch.load(fs.open(f"{BUCKET}/runs/on-s3/epoch_0004/train_state.pt"), weights_only=True)
+        assert train_state["epoch"] == 4 and train_state["global_step"] == 4 * 4  # 64 images / 16
+        assert fs.exists(f"{BUCKET}/runs/on-s3/backbone.pt")
+        # every epoch's metrics once, those logged during the outage included; an outage alone never fails a run
+        assert resumed["unsent_metrics"] is None and not fs.exists(unsent)
         client = mlflow.MlflowClient(server.uri)
-        run_id = res["mlflow_run_id"]
+        run_id = resumed["mlflow_run_id"]
         for key in ("loss", "contrastive_acc", "lr", "preemptions"):
-            assert _steps(client, run_id, key) == [1, 2, 3], key
-        assert client.get_run(run_id).info.status == "FINISHED"  # an outage alone never fails a run
+            assert _steps(client, run_id, key) == [1, 2, 3, 4], key
+        assert client.get_run(run_id).info.status == "FINISHED"
+        # no credential in anything the runs wrote: the bucket, the MLflow store, the driver's output
+        written = [fs.cat(path) for path in fs.find(f"{BUCKET}/runs")]
+        written += [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and folder not in p.parents]
+        assert len(written) > 10
+        for secret in (ACCESS_KEY, SECRET_KEY):
+            assert not any(secret.encode() in blob for blob in written), secret
     finally:
         server.stop()
